@@ -1,0 +1,1 @@
+"""The `leveret` command line: service entry points, submit, status, demo, bench."""

@@ -1,0 +1,1 @@
+"""The scheduler service: validates submissions and puts them on work queues."""

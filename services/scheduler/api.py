@@ -1,0 +1,173 @@
+"""The scheduler's HTTP API: ``POST /tasks`` and ``POST /tasks/batch``.
+
+A 202 means the task is durably on its work queue (publisher confirm received).
+Bad input gets a 4xx whose ``detail`` says what is wrong:
+400 (not UTF-8, not JSON, not an object), 413 (too large), 422 (schema, unknown
+kind, unsupported field); 503 when the broker or store cannot take it now.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse
+from leveret import __version__
+from leveret.amqp import BROKER_EXCEPTIONS
+from leveret.contracts import Accepted, SubmitBatch, SubmitTask, TaskMessage
+from leveret.errors import LeveretError, SubmissionError
+from leveret.scheduler.admission import (
+    Admission,
+    KindCatalog,
+    check_payload_size,
+    check_supported,
+    describe,
+    envelope,
+    parse_body,
+)
+from loguru import logger
+from pydantic import ValidationError
+
+#: What makes a submission fail with 503 (retry later) rather than 4xx.
+UNAVAILABLE: tuple[type[Exception], ...] = (LeveretError, *BROKER_EXCEPTIONS)
+
+#: A batch body may hold many tasks; each one's payload is still held to the task limit.
+BATCH_BODY_FACTOR = 64
+
+
+def _error(err: SubmissionError, index: int | None = None) -> JSONResponse:
+    detail: dict[str, Any] = {"error": err.code, "message": err.message}
+    if index is not None:
+        detail["index"] = index
+    return JSONResponse({"detail": detail}, status_code=err.status)
+
+
+def _unavailable(exc: BaseException) -> JSONResponse:
+    logger.warning("submission not accepted now: {}", exc)
+    return JSONResponse(
+        {"detail": {"error": "unavailable", "message": f"cannot accept tasks now: {exc}"}},
+        status_code=503,
+        headers={"Retry-After": "1"},
+    )
+
+
+def _body_schema(model: str) -> dict[str, Any]:
+    ref = {"$ref": f"#/components/schemas/{model}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
+
+
+class _Routes:
+    """The route handlers, bound to one admission pipeline."""
+
+    def __init__(self, admission: Admission, kinds: KindCatalog, max_bytes: int) -> None:
+        self.admission = admission
+        self.kinds = kinds
+        self.max_bytes = max_bytes
+
+    async def submit(self, request: Request) -> JSONResponse:
+        """Submit one task. 202 when accepted; 200 with status `duplicate` for a known id."""
+        body = await request.body()
+        try:
+            task = parse_body(body, self.max_bytes)
+            check_supported(task, self.kinds)
+            work = envelope(task)
+        except SubmissionError as err:
+            return _error(err)
+        try:
+            [answer] = await self.admission.submit([work])
+        except UNAVAILABLE as exc:
+            return _unavailable(exc)
+        code = 202 if answer.status == "pending" else 200
+        return JSONResponse(answer.model_dump(), status_code=code)
+
+    async def submit_batch(self, request: Request) -> JSONResponse:
+        """Submit many tasks at once (all or none are accepted): ``{"tasks": [...]}``."""
+        body = await request.body()
+        try:
+            works = self._batch(body)
+        except SubmissionError as err:
+            return _error(err, getattr(err, "index", None))
+        try:
+            answers = await self.admission.submit(works)
+        except UNAVAILABLE as exc:
+            return _unavailable(exc)
+        return JSONResponse({"tasks": [a.model_dump() for a in answers]}, status_code=202)
+
+    def _batch(self, body: bytes) -> list[TaskMessage]:
+        limit = self.max_bytes * BATCH_BODY_FACTOR
+        if len(body) > limit:
+            raise SubmissionError(
+                "payload_too_large", f"batch is {len(body)} bytes; the limit is {limit}", 413
+            )
+        works: list[TaskMessage] = []
+        for index, task in enumerate(_parse_batch(body).tasks):
+            try:
+                check_payload_size(task, self.max_bytes)
+                check_supported(task, self.kinds)
+                works.append(envelope(task))
+            except SubmissionError as err:
+                err.index = index  # type: ignore[attr-defined]
+                raise
+        return works
+
+    async def healthz(self) -> dict[str, Any]:
+        """Liveness and a few counters."""
+        return {
+            "status": "ok",
+            "accepted": self.admission.accepted,
+            "duplicates": self.admission.duplicates,
+            "kinds": self.kinds.names(),
+        }
+
+
+def create_app(admission: Admission, kinds: KindCatalog, *, max_bytes: int) -> FastAPI:
+    """The scheduler's FastAPI app (no module-level app object)."""
+    app = FastAPI(
+        title="leveret scheduler",
+        version=__version__,
+        description="Submit tasks. Results: the tracker API or the leveret.results exchange.",
+    )
+    routes = _Routes(admission, kinds, max_bytes)
+    app.post(
+        "/tasks",
+        status_code=202,
+        response_model=Accepted,
+        openapi_extra=_body_schema("SubmitTask"),
+        responses={200: {"model": Accepted, "description": "Duplicate id: the existing task"}},
+    )(routes.submit)
+    app.post("/tasks/batch", status_code=202, openapi_extra=_body_schema("SubmitBatch"))(
+        routes.submit_batch
+    )
+    app.get("/healthz")(routes.healthz)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    return app
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """The generated OpenAPI document plus the submission models' schemas."""
+    if app.openapi_schema is None:
+        schema = get_openapi(
+            title=app.title, version=app.version, description=app.description, routes=app.routes
+        )
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for model in (SubmitTask, SubmitBatch):
+            model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            for name, sub in model_schema.pop("$defs", {}).items():
+                components.setdefault(name, sub)
+            components[model.__name__] = model_schema
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+def _parse_batch(body: bytes) -> SubmitBatch:
+    """Parse a batch body; like :func:`parse_body` but for ``{"tasks": [...]}``."""
+    try:
+        return SubmitBatch.model_validate_json(body)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        if first["type"] == "json_invalid":
+            raise SubmissionError("invalid_json", f"body is not JSON: {first['msg']}", 400) from exc
+        if first["type"] == "model_type" and not first["loc"]:
+            raise SubmissionError("not_an_object", "body must be a JSON object", 400) from exc
+        raise SubmissionError("invalid_task", describe(exc), 422) from exc

@@ -1,0 +1,203 @@
+"""AMQP intake: submissions published to the submit exchange.
+
+Ack timing: a submission is acked only after its work message (or, for bad
+input, its `rejected` result and the dead-lettered copy) is confirmed by the
+broker. Bad input is never requeued in a loop and never dropped silently: the
+original message goes to the `rejected` queue with the reason in its headers.
+If the store or broker is in trouble, the message stays unacked and admission is
+retried with backoff: back-pressure, not loss.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from aio_pika.abc import AbstractIncomingMessage
+from leveret.amqp import BROKER_EXCEPTIONS, Outgoing, json_message, publish_all, send_reply
+from leveret.contracts import (
+    ID_PATTERN,
+    KIND_PATTERN,
+    POOL_PATTERN,
+    TaskError,
+    TaskResult,
+    new_task_id,
+)
+from leveret.errors import LeveretError, SubmissionError
+from leveret.scheduler.admission import (
+    Admission,
+    KindCatalog,
+    check_supported,
+    envelope,
+    parse_body,
+)
+from leveret.topology import RK_REJECTED, DeclaredTopology, result_routing_key
+from loguru import logger
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
+
+_ID = re.compile(ID_PATTERN)
+_KIND = re.compile(KIND_PATTERN)
+_POOL = re.compile(POOL_PATTERN)
+
+T = TypeVar("T")
+
+#: Errors worth retrying (the store or the broker is briefly unavailable).
+TRANSIENT: tuple[type[Exception], ...] = (LeveretError, OSError, *BROKER_EXCEPTIONS)
+
+
+class Intake:
+    """Consumes the intake queue; every message ends admitted or refused, then acked."""
+
+    def __init__(
+        self,
+        admission: Admission,
+        declared: DeclaredTopology,
+        kinds: KindCatalog,
+        *,
+        max_bytes: int,
+    ) -> None:
+        self.admission = admission
+        self.declared = declared
+        self.kinds = kinds
+        self.max_bytes = max_bytes
+        self.in_flight = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self.refused = 0
+
+    async def on_message(self, message: AbstractIncomingMessage) -> None:
+        """Handle one delivery (aio-pika runs these concurrently)."""
+        self.in_flight += 1
+        self.idle.clear()
+        try:
+            await self._handle(message)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # loop boundary: never let one message stop the consumer
+            logger.exception("intake message {} left unacked", message.message_id)
+        finally:
+            self.in_flight -= 1
+            if not self.in_flight:
+                self.idle.set()
+
+    async def _handle(self, message: AbstractIncomingMessage) -> None:
+        reply_to = message.reply_to
+        try:
+            task = parse_body(message.body, self.max_bytes)
+            check_supported(task, self.kinds)
+            pool = message.routing_key or None
+            work = envelope(
+                task,
+                default_id=message.message_id if _valid_id(message.message_id) else None,
+                default_pool=pool if pool and pool != "#" else None,
+                correlation_id=message.correlation_id,
+                reply_to=reply_to,
+            )
+        except SubmissionError as err:
+            refusal = err
+            await _retrying(lambda: self._refuse(message, refusal))
+            await message.ack()
+            return
+        answers = await _retrying(lambda: self.admission.submit([work]))
+        if answers[0].status == "duplicate" and reply_to and not message.redelivered:
+            notice = TaskResult(id=work.id, kind=work.kind, pool=work.pool, status="duplicate")
+            channel = self.declared.channel
+            await send_reply(
+                channel,
+                reply_to,
+                json_message(
+                    notice, persistent=False, correlation_id=message.correlation_id or work.id
+                ),
+            )
+            logger.info("task {} submitted again: duplicate of the existing one", work.id)
+        await message.ack()
+
+    async def _refuse(self, message: AbstractIncomingMessage, err: SubmissionError) -> None:
+        guess = _guess_fields(message)
+        task_id = guess["id"] or new_task_id()
+        result = TaskResult(
+            id=task_id,
+            kind=guess["kind"] or "_",
+            pool=guess["pool"] or "_",
+            status="rejected",
+            error=TaskError(type=err.code, message=err.message),
+        )
+        topo = self.declared.topology
+        corr = message.correlation_id or task_id
+        headers: dict[str, Any] = dict(message.headers or {})
+        headers.update(
+            {
+                "x-leveret-error-type": err.code,
+                "x-leveret-reason": err.message[:1000],
+                "x-leveret-task-id": task_id,
+                "x-leveret-routing-key": message.routing_key or "",
+            }
+        )
+        dead_copy = json_message(
+            message.body,
+            correlation_id=message.correlation_id,
+            message_id=message.message_id,
+            reply_to=message.reply_to,
+            headers=headers,
+        )
+        dead_copy.content_type = message.content_type
+        dead_copy.content_encoding = message.content_encoding
+        await publish_all(
+            [
+                Outgoing(
+                    self.declared.exchange(topo.results_exchange),
+                    result_routing_key("rejected", result.pool, result.kind),
+                    json_message(result, correlation_id=corr),
+                ),
+                Outgoing(self.declared.exchange(topo.dead_exchange), RK_REJECTED, dead_copy),
+            ]
+        )
+        if message.reply_to:
+            await send_reply(
+                self.declared.channel,
+                message.reply_to,
+                json_message(result, persistent=False, correlation_id=corr),
+            )
+        self.refused += 1
+        logger.bind(task_id=task_id).info("submission rejected: {}: {}", err.code, err.message)
+
+
+def _valid_id(value: str | None) -> bool:
+    return bool(value) and bool(_ID.match(value or ""))
+
+
+def _guess_fields(message: AbstractIncomingMessage) -> dict[str, str | None]:
+    """Best-effort id, kind and pool of a refused message, for its `rejected` result."""
+    data: Any = None
+    try:
+        data = json.loads(message.body)
+    except (ValueError, UnicodeDecodeError):
+        data = None
+    obj = data if isinstance(data, dict) else {}
+
+    def pick(value: Any, pattern: re.Pattern[str]) -> str | None:
+        return value if isinstance(value, str) and pattern.match(value) else None
+
+    return {
+        "id": pick(obj.get("id"), _ID) or pick(message.message_id, _ID),
+        "kind": pick(obj.get("kind"), _KIND),
+        "pool": pick(obj.get("pool"), _POOL) or pick(message.routing_key, _POOL),
+    }
+
+
+async def _retrying(op: Callable[[], Awaitable[T]]) -> T:
+    """Run `op` until it succeeds, backing off while the store or broker is in trouble."""
+    async for attempt in AsyncRetrying(
+        retry=retry_if_exception_type(TRANSIENT),
+        wait=wait_exponential_jitter(initial=0.1, max=5.0),
+        before_sleep=lambda state: logger.warning(
+            "intake retrying after {}", state.outcome.exception() if state.outcome else None
+        ),
+        reraise=True,
+    ):
+        with attempt:
+            return await op()
+    raise AssertionError("unreachable")  # pragma: no cover

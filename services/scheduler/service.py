@@ -1,0 +1,117 @@
+"""``leveret scheduler``: AMQP intake + HTTP API in front of the work queues."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
+from leveret.amqp import connect, json_message, open_channel
+from leveret.contracts import SchedulerStarted, WorkerStarted, decode_event
+from leveret.runtime import http_server, run_service, wait_started
+from leveret.scheduler.admission import Admission, KindCatalog
+from leveret.scheduler.api import create_app
+from leveret.scheduler.intake import Intake
+from leveret.scheduler.store import SubmissionStore
+from leveret.settings import SchedulerSettings
+from leveret.topology import RK_SCHEDULER_STARTED, RK_WORKER_STARTED
+from loguru import logger
+from pydantic import ValidationError
+
+#: How long a stopping scheduler waits for submissions it holds to be admitted.
+DRAIN_TIMEOUT_S = 10.0
+
+
+async def run(
+    settings: SchedulerSettings, stop: asyncio.Event, *, ready: asyncio.Event | None = None
+) -> None:
+    """Run the scheduler until `stop` is set, then drain and close."""
+    name = f"leveret-scheduler-{socket.gethostname()}-{os.getpid()}"
+    assert settings.scheduler_database_url is not None
+    store = await SubmissionStore.open(settings.scheduler_database_url)
+    connection = await connect(settings.amqp_url, name)
+    try:
+        channel = await open_channel(connection)
+        declared = await settings.topology.declare(channel)
+        kinds = KindCatalog(settings.kinds)
+        kinds.add(await store.known_kinds())
+        admission = Admission(
+            store, declared, batch_max=settings.batch_max, batch_wait_ms=settings.batch_wait_ms
+        )
+        await admission.recover()
+        intake = Intake(admission, declared, kinds, max_bytes=settings.max_payload_bytes)
+        app = create_app(admission, kinds, max_bytes=settings.max_payload_bytes)
+        server = http_server(app, settings.host, settings.port)
+
+        async with asyncio.TaskGroup() as group:
+            flusher = group.create_task(admission.run(), name="admission")
+            kinds_channel = await _watch_kinds(connection, settings, kinds, store)
+            intake_channel = await open_channel(connection, prefetch=settings.intake_prefetch)
+            intake_queue = await settings.topology.intake.declare(intake_channel)
+            tag = await intake_queue.consume(intake.on_message)
+            await declared.exchange(settings.topology.events_exchange).publish(
+                json_message(SchedulerStarted(), persistent=False), RK_SCHEDULER_STARTED
+            )
+            http = group.create_task(server.serve(), name="http")
+            if await wait_started(server, stop):
+                logger.info(
+                    "scheduler ready: http://{}:{} , intake {} , kinds {}",
+                    settings.host,
+                    settings.port,
+                    settings.topology.intake.name,
+                    ",".join(kinds.names()),
+                )
+                if ready is not None:
+                    ready.set()
+            await stop.wait()
+
+            logger.info("scheduler stopping: no new submissions")
+            await intake_queue.cancel(tag)
+            server.should_exit = True
+            await http
+            try:
+                await asyncio.wait_for(intake.idle.wait(), DRAIN_TIMEOUT_S)
+            except TimeoutError:
+                logger.warning("{} intake messages left unacked (redelivered)", intake.in_flight)
+            flusher.cancel()
+        await kinds_channel.close()
+        await intake_channel.close()
+        await channel.close()
+    finally:
+        await connection.close()
+        await store.close()
+
+
+async def _watch_kinds(
+    connection: AbstractRobustConnection,
+    settings: SchedulerSettings,
+    kinds: KindCatalog,
+    store: SubmissionStore,
+) -> AbstractChannel:
+    """Learn the kinds workers announce (on `worker.started`); returns the channel."""
+    channel = await open_channel(connection, prefetch=100)
+    exchange = await channel.get_exchange(settings.topology.events_exchange)
+    queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+    await queue.bind(exchange, RK_WORKER_STARTED)
+
+    async def on_event(message: AbstractIncomingMessage) -> None:
+        async with message.process(requeue=False, ignore_processed=True):
+            try:
+                event = decode_event(message.body)
+            except ValidationError as exc:
+                logger.warning("ignoring malformed worker announcement: {}", exc)
+                return
+            if isinstance(event, WorkerStarted):
+                new = kinds.add(event.worker.kinds)
+                if new:
+                    await store.add_kinds(new)
+                    logger.info("learned kinds {} from {}", sorted(new), event.worker.id)
+
+    await queue.consume(on_event)
+    return channel
+
+
+def main(settings: SchedulerSettings) -> None:
+    """Entry point of ``leveret scheduler``."""
+    run_service("scheduler", settings, run)

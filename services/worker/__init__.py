@@ -1,0 +1,1 @@
+"""The worker service: runs tasks from one pool's work queue."""

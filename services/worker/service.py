@@ -1,0 +1,30 @@
+"""``leveret worker``: build the handler registry and run a :class:`Worker`."""
+
+from __future__ import annotations
+
+import asyncio
+
+from leveret.handlers import Registry
+from leveret.runtime import run_service
+from leveret.settings import WorkerSettings
+from leveret.worker.runner import Worker
+
+
+def build_registry(settings: WorkerSettings) -> Registry:
+    """Built-in handlers plus those of every ``--handlers`` module."""
+    registry = Registry.with_builtins(shell_enabled=settings.shell_enabled)
+    for module in settings.handlers:
+        registry.load_module(module)
+    return registry
+
+
+async def run(
+    settings: WorkerSettings, stop: asyncio.Event, *, ready: asyncio.Event | None = None
+) -> None:
+    """Run one worker until `stop` is set."""
+    await Worker(settings, build_registry(settings)).run(stop, ready=ready)
+
+
+def main(settings: WorkerSettings) -> None:
+    """Entry point of ``leveret worker``."""
+    run_service("worker", settings, run)

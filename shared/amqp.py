@@ -1,0 +1,190 @@
+"""The one module that owns aio-pika details: connecting (named, robust, retried),
+publishing with confirms in batches, and translating aio-pika/aiormq errors into
+:mod:`leveret.errors`."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import aio_pika
+import aiormq
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractRobustConnection,
+    DeliveryMode,
+)
+from leveret.errors import BrokerError, PublishError
+from loguru import logger
+from pamqp.common import FieldTable
+from pydantic import BaseModel
+from tenacity import (
+    AsyncRetrying,
+    before_sleep_log,
+    retry_if_exception_type,
+    stop_after_delay,
+    wait_exponential_jitter,
+)
+
+#: Exceptions that mean "the broker or the link to it is in trouble".
+BROKER_EXCEPTIONS: tuple[type[Exception], ...] = (
+    aio_pika.exceptions.AMQPError,
+    aiormq.exceptions.AMQPError,
+    ConnectionError,
+    OSError,
+    asyncio.TimeoutError,
+)
+
+JSON = "application/json"
+T = TypeVar("T")
+
+
+async def connect(
+    url: str, name: str, *, connect_timeout_s: float = 120.0, heartbeat_s: int = 10
+) -> AbstractRobustConnection:
+    """Open a robust connection named `name` (shown as `connection_name` by the broker).
+
+    The first connect is retried with exponential backoff for up to
+    `connect_timeout_s`, so services may start before the broker does; later
+    drops are healed by aio-pika's robust connection.
+    """
+    props: FieldTable = {"connection_name": name, "product": "leveret", "pid": str(os.getpid())}
+    try:
+        async for attempt in AsyncRetrying(
+            stop=stop_after_delay(connect_timeout_s),
+            wait=wait_exponential_jitter(initial=0.2, max=5.0),
+            retry=retry_if_exception_type(BROKER_EXCEPTIONS),
+            before_sleep=before_sleep_log(logger, "WARNING"),  # type: ignore[arg-type]
+            reraise=True,
+        ):
+            with attempt:
+                return await aio_pika.connect_robust(
+                    url, client_properties=props, heartbeat=heartbeat_s, reconnect_interval=1.0
+                )
+    except BROKER_EXCEPTIONS as exc:
+        raise BrokerError(f"cannot connect to {redact(url)}: {exc}") from exc
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for logs and errors."""
+    if "@" not in url or "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    creds, host = rest.rsplit("@", 1)
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}"
+
+
+async def open_channel(
+    connection: AbstractRobustConnection, *, prefetch: int | None = None
+) -> AbstractChannel:
+    """A channel with publisher confirms on; unroutable mandatory publishes raise."""
+    channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+    if prefetch is not None:
+        await channel.set_qos(prefetch_count=prefetch)
+    return channel
+
+
+def json_message(
+    model: BaseModel | bytes,
+    *,
+    persistent: bool = True,
+    correlation_id: str | None = None,
+    message_id: str | None = None,
+    reply_to: str | None = None,
+    headers: Mapping[str, Any] | None = None,
+    type_: str | None = None,
+) -> aio_pika.Message:
+    """A JSON message from a model (or raw bytes), persistent unless told otherwise."""
+    body = model if isinstance(model, bytes) else model.model_dump_json().encode()
+    return aio_pika.Message(
+        body,
+        content_type=JSON,
+        content_encoding="utf-8",
+        delivery_mode=DeliveryMode.PERSISTENT if persistent else DeliveryMode.NOT_PERSISTENT,
+        correlation_id=correlation_id,
+        message_id=message_id,
+        reply_to=reply_to,
+        headers=dict(headers) if headers else None,
+        type=type_,
+    )
+
+
+@dataclass
+class Outgoing:
+    """One message to publish: exchange, routing key, message and whether it must route."""
+
+    exchange: AbstractExchange
+    routing_key: str
+    message: aio_pika.Message
+    mandatory: bool = True
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+async def publish_all(items: Sequence[Outgoing], *, timeout_s: float = 30.0) -> None:
+    """Publish every item and wait for all their confirms together (not one by one).
+
+    Raises :class:`PublishError` if any is nacked, unroutable, or unconfirmed.
+    """
+    if not items:
+        return
+    results = await asyncio.gather(
+        *(
+            it.exchange.publish(
+                it.message, it.routing_key, mandatory=it.mandatory, timeout=timeout_s
+            )
+            for it in items
+        ),
+        return_exceptions=True,
+    )
+    errors = [r for r in results if isinstance(r, BaseException)]
+    if errors:
+        first = errors[0]
+        raise PublishError(
+            f"{len(errors)} of {len(items)} publishes failed: {type(first).__name__}: {first}"
+        ) from first
+
+
+async def send_reply(channel: AbstractChannel, reply_to: str, message: aio_pika.Message) -> None:
+    """Send to a `reply_to` address through the default exchange.
+
+    Never mandatory: a reply queue may be gone (the producer stopped waiting), and
+    RabbitMQ's direct reply-to refuses mandatory publishes. A failed reply is
+    logged, not raised: the result is on the results exchange regardless.
+    """
+    try:
+        await channel.default_exchange.publish(message, reply_to, mandatory=False)
+    except BROKER_EXCEPTIONS as exc:
+        logger.warning("reply to {} not sent: {}", reply_to, exc)
+
+
+def delivery_count(message: AbstractIncomingMessage) -> int:
+    """How many times the broker delivered this message before (quorum queues count)."""
+    headers = message.headers or {}
+    raw = headers.get("x-delivery-count", 0)
+    try:
+        return int(raw)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return 0
+
+
+def header_str(message: AbstractIncomingMessage, name: str) -> str | None:
+    """A header as text, or None."""
+    value = (message.headers or {}).get(name)
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return str(value)
+
+
+def chunks(items: Sequence[T], size: int) -> Iterable[Sequence[T]]:
+    """Consecutive slices of at most `size` items."""
+    for start in range(0, len(items), size):
+        yield items[start : start + size]

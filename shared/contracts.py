@@ -1,0 +1,268 @@
+"""Wire contract v1: every message leveret puts on the broker, as a pydantic model.
+
+These models *are* the protocol. ``docs/protocol.md`` explains them and
+``docs/schema/*.json`` is generated from them (``leveret schema``); a test fails
+when the two drift. Producers in other languages only ever need
+:class:`SubmitTask` (what they publish) and :class:`TaskResult` (what they get
+back).
+
+Compatibility rule for v1: fields may be added (optional, with a default); none
+is removed or changes meaning. Unknown fields in a submission are refused, so a
+typo never silently drops an option.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, TypeAdapter
+
+PROTOCOL_VERSION = 1
+
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:@\-]{0,199}$"
+KIND_PATTERN = r"^[A-Za-z][A-Za-z0-9_.:\-]{0,127}$"
+POOL_PATTERN = r"^[a-z0-9][a-z0-9_\-]{0,63}$"
+TAG_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:=\-]{0,63}$"
+
+TaskId = Annotated[str, Field(pattern=ID_PATTERN, description="Task id; also the idempotency key.")]
+Kind = Annotated[str, Field(pattern=KIND_PATTERN, description="Name of the handler that runs it.")]
+Pool = Annotated[str, Field(pattern=POOL_PATTERN, description="Worker pool (one work queue each).")]
+Tag = Annotated[str, Field(pattern=TAG_PATTERN)]
+
+
+def new_task_id() -> str:
+    """A fresh task id (random, URL-safe), for submissions that bring none."""
+    return uuid.uuid4().hex
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware UTC (every timestamp on the wire is UTC)."""
+    return datetime.now(UTC)
+
+
+class TaskStatus(StrEnum):
+    """Where a task is in its life; the tracker only ever moves it forward."""
+
+    PENDING = "pending"  # accepted by the scheduler, waiting in a work queue
+    RUNNING = "running"  # a worker holds it (see `worker`, `attempt`)
+    COMPLETED = "completed"  # terminal: the handler returned; `result` holds its value
+    FAILED = "failed"  # terminal: the handler raised or the task could not run; see `error`
+    CANCELLED = "cancelled"  # terminal: cancelled before it finished
+    REJECTED = "rejected"  # terminal: the submission was refused and never ran
+
+    @property
+    def terminal(self) -> bool:
+        """True for the statuses a task never leaves."""
+        return self in TERMINAL_STATUSES
+
+
+TERMINAL_STATUSES = frozenset(
+    {TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED, TaskStatus.REJECTED}
+)
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class SubmitTask(BaseModel):
+    """A task as a producer submits it: to the `leveret.submit` exchange or `POST /tasks`.
+
+    Only `kind` is required. `id` is the idempotency key: submitting the same id
+    twice makes one task. Over AMQP the `message_id` property serves when `id` is
+    absent, and the routing key names the pool when `pool` is absent.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Kind
+    payload: JsonValue = None
+    id: TaskId | None = None
+    pool: Pool | None = None
+    priority: int | None = Field(default=None, ge=0, le=9, description="Reserved in v1.")
+    depends_on: list[TaskId] | None = Field(default=None, description="Reserved in v1.")
+    timeout_s: float | None = Field(
+        default=None, gt=0, le=7 * 24 * 3600, description="Seconds one attempt may run."
+    )
+    max_retries: int | None = Field(default=None, ge=0, le=100, description="Reserved in v1.")
+    requires: list[Tag] | None = Field(default=None, description="Reserved in v1.")
+
+
+class SubmitBatch(BaseModel):
+    """Body of `POST /tasks/batch`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    tasks: list[SubmitTask] = Field(min_length=1, max_length=10_000)
+
+
+class Accepted(_Model):
+    """The scheduler's answer to one submission over HTTP."""
+
+    id: TaskId
+    status: Literal["pending", "duplicate"]
+
+
+class TaskError(_Model):
+    """Why a task failed or was rejected: a machine-readable `type` and a human `message`."""
+
+    type: str
+    message: str
+
+
+class TaskMessage(_Model):
+    """The work item the scheduler puts on a pool's work queue (internal, but documented)."""
+
+    v: Literal[1] = 1
+    id: TaskId
+    kind: Kind
+    payload: JsonValue = None
+    pool: Pool = "default"
+    submitted_at: datetime
+    correlation_id: str | None = None
+    reply_to: str | None = None
+    timeout_s: float | None = None
+
+
+class TaskResult(_Model):
+    """One outcome of a task, published on `leveret.results` and to the producer's `reply_to`.
+
+    Routing key on `leveret.results`: ``<status>.<pool>.<kind>``.
+    """
+
+    v: Literal[1] = 1
+    id: str
+    kind: str
+    pool: str = "default"
+    status: TaskStatus | Literal["duplicate"]
+    result: JsonValue = None
+    error: TaskError | None = None
+    attempt: int = 0
+    worker: str | None = None
+    submitted_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime = Field(default_factory=utcnow)
+
+
+class AcceptedTask(_Model):
+    """One task in a :class:`TasksAccepted` event."""
+
+    id: TaskId
+    kind: Kind
+    pool: Pool
+    submitted_at: datetime
+    correlation_id: str | None = None
+
+
+class TasksAccepted(_Model):
+    """Event: the scheduler put these tasks on their work queues (status `pending`)."""
+
+    type: Literal["tasks.accepted"] = "tasks.accepted"
+    v: Literal[1] = 1
+    tasks: list[AcceptedTask]
+
+
+class StartedTask(_Model):
+    """One task in a :class:`TasksStarted` event."""
+
+    id: TaskId
+    attempt: int
+    started_at: datetime
+
+
+class TasksStarted(_Model):
+    """Event: a worker began these attempts (status `running`)."""
+
+    type: Literal["tasks.started"] = "tasks.started"
+    v: Literal[1] = 1
+    worker: str
+    tasks: list[StartedTask]
+
+
+class WorkerInfo(_Model):
+    """What a worker says about itself when it starts."""
+
+    id: str
+    host: str
+    pid: int
+    pool: Pool
+    concurrency: int
+    kinds: list[str]
+    capabilities: list[str] = []
+    version: str
+
+
+class WorkerStarted(_Model):
+    """Event: a worker registered."""
+
+    type: Literal["worker.started"] = "worker.started"
+    v: Literal[1] = 1
+    worker: WorkerInfo
+    at: datetime = Field(default_factory=utcnow)
+
+
+class WorkerHeartbeat(_Model):
+    """Event: a worker is alive; sent every heartbeat interval."""
+
+    type: Literal["worker.heartbeat"] = "worker.heartbeat"
+    v: Literal[1] = 1
+    worker: WorkerInfo
+    in_flight: list[str] = []
+    completed: int = 0
+    failed: int = 0
+    at: datetime = Field(default_factory=utcnow)
+
+
+class WorkerStopped(_Model):
+    """Event: a worker deregistered on a graceful stop."""
+
+    type: Literal["worker.stopped"] = "worker.stopped"
+    v: Literal[1] = 1
+    worker: str
+    at: datetime = Field(default_factory=utcnow)
+
+
+class SchedulerStarted(_Model):
+    """Event: a scheduler started; workers answer by announcing themselves again."""
+
+    type: Literal["scheduler.started"] = "scheduler.started"
+    v: Literal[1] = 1
+    at: datetime = Field(default_factory=utcnow)
+
+
+Event = Annotated[
+    TasksAccepted
+    | TasksStarted
+    | WorkerStarted
+    | WorkerHeartbeat
+    | WorkerStopped
+    | SchedulerStarted,
+    Field(discriminator="type"),
+]
+
+
+_EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
+
+
+def decode_event(body: bytes) -> Event:
+    """Parse any message from `leveret.events` (discriminated by its `type` field)."""
+    return _EVENT_ADAPTER.validate_json(body)
+
+
+#: Every model whose JSON Schema is published in docs/schema/, by file stem.
+PUBLISHED_MODELS: dict[str, type[BaseModel]] = {
+    "submit-task": SubmitTask,
+    "submit-batch": SubmitBatch,
+    "accepted": Accepted,
+    "task-message": TaskMessage,
+    "task-result": TaskResult,
+    "tasks-accepted": TasksAccepted,
+    "tasks-started": TasksStarted,
+    "worker-started": WorkerStarted,
+    "worker-heartbeat": WorkerHeartbeat,
+    "worker-stopped": WorkerStopped,
+    "scheduler-started": SchedulerStarted,
+}

@@ -1,0 +1,233 @@
+"""Task handlers: how users write them, how workers find them, and the built-ins.
+
+A handler is a plain function ``(ctx, payload) -> result``, ``async def`` or not::
+
+    from leveret import TaskContext, task
+
+    @task("resize")
+    async def resize(ctx: TaskContext, payload: dict) -> dict:
+        ...
+
+    @task("checksum", blocking=True)      # sync: runs in a thread, off the event loop
+    def checksum(ctx: TaskContext, payload: str) -> str:
+        ...
+
+``leveret worker --handlers myapp.tasks`` imports the module and registers every
+function marked with :func:`task` (and every entry of a module-level
+``HANDLERS`` dict). Nothing is registered globally: a registry belongs to a worker.
+
+Handlers run at least once: they get ``ctx.attempt`` and ``ctx.idempotency_key``
+(stable across attempts) to make their side effects idempotent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import inspect
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, cast
+
+import httpx
+from leveret.errors import ConfigError, TaskFailed
+from loguru import logger
+from pydantic import JsonValue
+
+HandlerFunc = Callable[["TaskContext", Any], Awaitable[Any] | Any]
+
+_MARK = "__leveret_task__"
+
+#: Kinds every worker has. `shell` is left out: a worker offers it only when enabled.
+BUILTIN_KINDS = ("echo", "sleep", "fail", "http")
+
+
+@dataclass(frozen=True)
+class TaskContext:
+    """What a handler knows about the attempt it runs."""
+
+    task_id: str
+    kind: str
+    pool: str
+    attempt: int
+    worker_id: str
+    submitted_at: datetime
+    timeout_s: float | None = None
+
+    @property
+    def idempotency_key(self) -> str:
+        """Stable across attempts of the same task: use it to dedupe side effects."""
+        return self.task_id
+
+
+@dataclass(frozen=True)
+class Handler:
+    """A registered handler: its kind, function and whether it blocks."""
+
+    kind: str
+    func: HandlerFunc
+    blocking: bool
+    advertised: bool = True  # announced to the scheduler as a kind this worker runs
+
+
+def task(kind: str, *, blocking: bool | None = None) -> Callable[[HandlerFunc], HandlerFunc]:
+    """Mark a function as the handler of `kind` (found by ``--handlers module``).
+
+    `blocking` defaults to "not a coroutine function": sync handlers always run in
+    a thread so they cannot starve the worker's heartbeats.
+    """
+
+    def mark(func: HandlerFunc) -> HandlerFunc:
+        setattr(func, _MARK, (kind, blocking))
+        return func
+
+    return mark
+
+
+@dataclass
+class Registry:
+    """The handlers one worker offers, by kind."""
+
+    handlers: dict[str, Handler] = field(default_factory=dict)
+
+    def register(
+        self,
+        kind: str,
+        func: HandlerFunc,
+        *,
+        blocking: bool | None = None,
+        advertised: bool = True,
+    ) -> None:
+        """Register `func` as the handler of `kind` (replacing any earlier one)."""
+        if blocking is None:
+            blocking = not inspect.iscoroutinefunction(func)
+        self.handlers[kind] = Handler(kind, func, blocking, advertised)
+
+    def get(self, kind: str) -> Handler | None:
+        """The handler of `kind`, or None."""
+        return self.handlers.get(kind)
+
+    def kinds(self) -> list[str]:
+        """Every kind this worker offers (announces), sorted."""
+        return sorted(k for k, h in self.handlers.items() if h.advertised)
+
+    def load_module(self, path: str) -> int:
+        """Import `path` and register its marked functions and its ``HANDLERS`` dict."""
+        try:
+            module = importlib.import_module(path)
+        except ImportError as exc:
+            raise ConfigError(f"cannot import handler module {path!r}: {exc}") from exc
+        found = 0
+        for kind, func, blocking in _marked(module):
+            self.register(kind, func, blocking=blocking)
+            found += 1
+        table = getattr(module, "HANDLERS", None)
+        if isinstance(table, dict):
+            for kind, func in table.items():
+                self.register(str(kind), func)
+                found += 1
+        if not found:
+            raise ConfigError(f"handler module {path!r} defines no @task functions or HANDLERS")
+        return found
+
+    @classmethod
+    def with_builtins(cls, *, shell_enabled: bool = False) -> Registry:
+        """A registry holding the built-in kinds (plus `shell` when enabled)."""
+        registry = cls()
+        registry.register("echo", echo)
+        registry.register("sleep", sleep)
+        registry.register("fail", fail)
+        registry.register("http", http_get)
+        if shell_enabled:
+            registry.register("shell", shell)
+        else:  # still registered, so a stray shell task fails with a clear reason
+            registry.register("shell", shell_disabled, advertised=False)
+        return registry
+
+
+def _marked(module: object) -> Iterator[tuple[str, HandlerFunc, bool | None]]:
+    for value in vars(module).values():
+        mark = getattr(value, _MARK, None)
+        if mark is not None:
+            kind, blocking = mark
+            yield kind, cast(HandlerFunc, value), blocking
+
+
+# --- built-ins -------------------------------------------------------------------------------
+
+
+async def echo(ctx: TaskContext, payload: JsonValue) -> JsonValue:
+    """Return the payload unchanged."""
+    return payload
+
+
+async def sleep(ctx: TaskContext, payload: JsonValue) -> float:
+    """Sleep `payload` seconds (a number, or a string holding one); return it."""
+    try:
+        seconds = float(payload)  # type: ignore[arg-type]
+    except (TypeError, ValueError) as exc:
+        raise TaskFailed(
+            f"sleep wants a number of seconds, got {payload!r}", "bad_payload"
+        ) from exc
+    if not 0 <= seconds <= 24 * 3600:
+        raise TaskFailed(f"sleep seconds out of range: {seconds}", "bad_payload")
+    await asyncio.sleep(seconds)
+    return seconds
+
+
+async def fail(ctx: TaskContext, payload: JsonValue) -> None:
+    """Always fail (for demos and tests); the payload, if a string, is the message."""
+    message = payload if isinstance(payload, str) and payload else "failed on purpose"
+    raise TaskFailed(message, "requested_failure")
+
+
+async def http_get(ctx: TaskContext, payload: JsonValue) -> dict[str, JsonValue]:
+    """GET the URL in `payload` (a string, or ``{"url": ...}``): status, bytes, elapsed."""
+    url = payload.get("url") if isinstance(payload, dict) else payload
+    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+        raise TaskFailed(f"http wants an http(s) URL, got {url!r}", "bad_payload")
+    timeout = ctx.timeout_s or 30.0
+    started = time.perf_counter()
+    try:
+        async with httpx.AsyncClient(timeout=timeout, follow_redirects=True) as client:
+            response = await client.get(url)
+    except httpx.HTTPError as exc:
+        raise TaskFailed(f"GET {url} failed: {type(exc).__name__}: {exc}", "http_error") from exc
+    return {
+        "status": response.status_code,
+        "bytes": len(response.content),
+        "elapsed_s": round(time.perf_counter() - started, 6),
+    }
+
+
+SHELL_OUTPUT_LIMIT = 64 * 1024
+
+
+async def shell(ctx: TaskContext, payload: JsonValue) -> dict[str, JsonValue]:
+    """Run `payload` with /bin/sh; fail on a non-zero exit. Output is capped at 64 KiB."""
+    if not isinstance(payload, str) or not payload.strip():
+        raise TaskFailed("shell wants a command string", "bad_payload")
+    proc = await asyncio.create_subprocess_shell(
+        payload, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        out, err = await proc.communicate()
+    except asyncio.CancelledError:
+        proc.kill()
+        await proc.wait()
+        raise
+    stdout = out[-SHELL_OUTPUT_LIMIT:].decode("utf-8", "replace")
+    stderr = err[-SHELL_OUTPUT_LIMIT:].decode("utf-8", "replace")
+    if proc.returncode != 0:
+        raise TaskFailed(f"exit status {proc.returncode}: {stderr.strip()[-500:]}", "exit_status")
+    return {"exit_code": proc.returncode, "stdout": stdout, "stderr": stderr}
+
+
+async def shell_disabled(ctx: TaskContext, payload: JsonValue) -> None:
+    """Stand-in for `shell` on workers started without ``--shell``."""
+    logger.warning("shell task refused: this worker runs without --shell")
+    raise TaskFailed(
+        "shell tasks are disabled on this worker (start it with --shell)", "shell_disabled"
+    )

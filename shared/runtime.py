@@ -1,0 +1,83 @@
+"""What every service's entry point does the same way: logging, signals, the HTTP
+server, and running a ``run(settings, stop)`` coroutine until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Generator
+from typing import Any, TypeVar
+
+import uvicorn
+from leveret.errors import LeveretError
+from leveret.log import configure
+from leveret.settings import CommonSettings
+from loguru import logger
+
+S = TypeVar("S", bound=CommonSettings)
+
+
+class HttpServer(uvicorn.Server):
+    """A uvicorn server that leaves signals to the service (one stop event rules all)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        """Do not install uvicorn's own signal handlers."""
+        yield
+
+
+def http_server(app: Any, host: str, port: int) -> HttpServer:
+    """A uvicorn server for `app`, logging through loguru, without access logs."""
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_config=None,
+        access_log=False,
+        lifespan="off",
+        timeout_graceful_shutdown=10,
+    )
+    return HttpServer(config)
+
+
+async def wait_started(server: HttpServer, stop: asyncio.Event) -> bool:
+    """Wait until the server listens (True) or the service is stopping (False)."""
+    while not server.started:
+        if stop.is_set():
+            return False
+        await asyncio.sleep(0.02)  # uvicorn offers no event to await
+    return True
+
+
+def install_stop_signals(stop: asyncio.Event) -> None:
+    """SIGTERM and SIGINT set `stop`; a second one exits at once."""
+    loop = asyncio.get_running_loop()
+
+    def handle(sig: signal.Signals) -> None:
+        if stop.is_set():
+            logger.warning("{} again: exiting now", sig.name)
+            sys.exit(1)
+        logger.info("{} received: stopping gracefully", sig.name)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, handle, sig)
+
+
+def run_service(name: str, settings: S, run: Callable[[S, asyncio.Event], Awaitable[None]]) -> None:
+    """Configure logging, install signal handlers and run `run` until it returns."""
+    configure(name, json=settings.log_json, level=settings.log_level)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        install_stop_signals(stop)
+        await run(settings, stop)
+
+    try:
+        asyncio.run(main())
+    except LeveretError as exc:
+        logger.error("{} cannot run: {}", name, exc)
+        sys.exit(2)
+    logger.info("{} stopped", name)

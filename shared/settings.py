@@ -1,0 +1,118 @@
+"""Settings, read once at start from ``LEVERET_*`` environment variables (and flags,
+which the CLI passes in as keyword arguments). One class per service, composed
+of the shared :class:`CommonSettings`. Tests construct them directly."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from pathlib import Path
+from typing import Annotated
+
+from leveret.contracts import POOL_PATTERN
+from leveret.topology import DEFAULT_NAMESPACE, Topology
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+MIB = 1024 * 1024
+
+
+def default_data_dir() -> Path:
+    """Where the embedded SQLite databases live unless a URL says otherwise."""
+    return Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "leveret"
+
+
+def sqlite_url(path: Path) -> str:
+    """An aiosqlite URL for a file path."""
+    return f"sqlite+aiosqlite:///{path}"
+
+
+def _split_csv(value: object) -> object:
+    """Accept ``a,b`` from the environment as well as a list."""
+    if isinstance(value, str):
+        return [v for v in (p.strip() for p in value.split(",")) if v]
+    return value
+
+
+class CommonSettings(BaseSettings):
+    """What every service needs: the broker, the namespace, logging."""
+
+    model_config = SettingsConfigDict(env_prefix="LEVERET_", extra="ignore")
+
+    amqp_url: str = DEFAULT_AMQP_URL
+    namespace: str = Field(default=DEFAULT_NAMESPACE, pattern=r"^[a-z0-9][a-z0-9_.\-]{0,63}$")
+    log_json: bool = False
+    log_level: str = "INFO"
+    data_dir: Path = Field(default_factory=default_data_dir)
+
+    @property
+    def topology(self) -> Topology:
+        """The topology under this namespace."""
+        return Topology(self.namespace)
+
+
+class SchedulerSettings(CommonSettings):
+    """``leveret scheduler``: AMQP intake and HTTP submission."""
+
+    host: str = "0.0.0.0"
+    port: int = 8080
+    scheduler_database_url: str | None = Field(
+        default=None, description="The scheduler's own store; SQLite in data_dir by default."
+    )
+    max_payload_bytes: int = Field(default=MIB, ge=1)
+    intake_prefetch: int = Field(default=512, ge=1)
+    batch_max: int = Field(default=256, ge=1)
+    batch_wait_ms: float = Field(default=2.0, ge=0)
+    kinds: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Extra task kinds to accept besides built-ins and those workers announce.",
+    )
+
+    _split_kinds = field_validator("kinds", mode="before")(_split_csv)
+
+    @model_validator(mode="after")
+    def _default_database(self) -> SchedulerSettings:
+        if self.scheduler_database_url is None:
+            self.scheduler_database_url = sqlite_url(self.data_dir / "scheduler.db")
+        return self
+
+
+class TrackerSettings(CommonSettings):
+    """``leveret tracker``: records every status change; serves the tracker API."""
+
+    host: str = "0.0.0.0"
+    port: int = 8081
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy async URL; SQLite in data_dir by default."
+    )
+    prefetch: int = Field(default=2000, ge=1)
+    batch_max: int = Field(default=1000, ge=1)
+    batch_wait_ms: float = Field(default=20.0, ge=0)
+    heartbeat_timeout_s: float = Field(default=5.0, gt=0)
+
+    @model_validator(mode="after")
+    def _default_database(self) -> TrackerSettings:
+        if self.database_url is None:
+            self.database_url = sqlite_url(self.data_dir / "tracker.db")
+        return self
+
+
+def _default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+class WorkerSettings(CommonSettings):
+    """``leveret worker``: runs tasks of one pool with bounded concurrency."""
+
+    concurrency: int = Field(default=4, ge=1, le=10_000)
+    pool: str = Field(default="default", pattern=POOL_PATTERN)
+    handlers: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    shell_enabled: bool = False
+    worker_id: str = Field(default_factory=_default_worker_id)
+    heartbeat_interval_s: float = Field(default=1.0, gt=0)
+    grace_period_s: float = Field(default=25.0, ge=0)
+    started_flush_ms: float = Field(default=200.0, ge=0)
+
+    _split_handlers = field_validator("handlers", mode="before")(_split_csv)
