@@ -19,7 +19,6 @@ from aio_pika.abc import (
     AbstractRobustConnection,
     DeliveryMode,
 )
-from leveret.errors import BrokerError, PublishError
 from loguru import logger
 from pamqp.common import FieldTable
 from pydantic import BaseModel
@@ -30,6 +29,8 @@ from tenacity import (
     stop_after_delay,
     wait_exponential_jitter,
 )
+
+from leveret.errors import BrokerError, PublishError
 
 #: Exceptions that mean "the broker or the link to it is in trouble".
 BROKER_EXCEPTIONS: tuple[type[Exception], ...] = (
@@ -57,7 +58,7 @@ async def connect(
     try:
         async for attempt in AsyncRetrying(
             stop=stop_after_delay(connect_timeout_s),
-            wait=wait_exponential_jitter(initial=0.2, max=5.0),
+            wait=wait_exponential_jitter(multiplier=0.2, max=5.0, jitter=0.2),
             retry=retry_if_exception_type(BROKER_EXCEPTIONS),
             before_sleep=before_sleep_log(logger, "WARNING"),  # type: ignore[arg-type]
             reraise=True,

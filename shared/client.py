@@ -25,12 +25,13 @@ from aio_pika.abc import (
     AbstractIncomingMessage,
     AbstractRobustConnection,
 )
+from pydantic import JsonValue, ValidationError
+
 from leveret.amqp import Outgoing, connect, json_message, open_channel, publish_all
 from leveret.contracts import SubmitTask, TaskResult, new_task_id
 from leveret.errors import LeveretError
 from leveret.settings import DEFAULT_AMQP_URL
 from leveret.topology import DEFAULT_NAMESPACE, Topology
-from pydantic import JsonValue, ValidationError
 
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 

@@ -32,9 +32,10 @@ from datetime import datetime
 from typing import Any, cast
 
 import httpx
-from leveret.errors import ConfigError, TaskFailed
 from loguru import logger
 from pydantic import JsonValue
+
+from leveret.errors import ConfigError, TaskFailed
 
 HandlerFunc = Callable[["TaskContext", Any], Awaitable[Any] | Any]
 

@@ -11,10 +11,11 @@ from collections.abc import Awaitable, Callable, Generator
 from typing import Any, TypeVar
 
 import uvicorn
+from loguru import logger
+
 from leveret.errors import LeveretError
 from leveret.log import configure
 from leveret.settings import CommonSettings
-from loguru import logger
 
 S = TypeVar("S", bound=CommonSettings)
 

@@ -10,10 +10,11 @@ import uuid
 from pathlib import Path
 from typing import Annotated
 
-from leveret.contracts import POOL_PATTERN
-from leveret.topology import DEFAULT_NAMESPACE, Topology
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from leveret.contracts import POOL_PATTERN
+from leveret.topology import DEFAULT_NAMESPACE, Topology
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 MIB = 1024 * 1024

@@ -94,7 +94,12 @@ def submit(
 
     code = asyncio.run(
         submit_command(
-            kind, payload, wait=wait, task_id=task_id, pool=pool, timeout_s=timeout_s,
+            kind,
+            payload,
+            wait=wait,
+            task_id=task_id,
+            pool=pool,
+            timeout_s=timeout_s,
             wait_timeout_s=wait_timeout_s,
         )
     )

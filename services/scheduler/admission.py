@@ -15,6 +15,9 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from loguru import logger
+from pydantic import ValidationError
+
 from leveret.amqp import Outgoing, json_message, publish_all
 from leveret.contracts import (
     POOL_PATTERN,
@@ -30,8 +33,6 @@ from leveret.errors import SubmissionError
 from leveret.handlers import BUILTIN_KINDS
 from leveret.scheduler.store import CLAIMED, SubmissionStore
 from leveret.topology import RK_TASKS_ACCEPTED, DeclaredTopology
-from loguru import logger
-from pydantic import ValidationError
 
 _EVENT_CHUNK = 500
 _POOL_RE = re.compile(POOL_PATTERN)

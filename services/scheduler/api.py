@@ -13,6 +13,9 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
+from loguru import logger
+from pydantic import ValidationError
+
 from leveret import __version__
 from leveret.amqp import BROKER_EXCEPTIONS
 from leveret.contracts import Accepted, SubmitBatch, SubmitTask, TaskMessage
@@ -26,8 +29,6 @@ from leveret.scheduler.admission import (
     envelope,
     parse_body,
 )
-from loguru import logger
-from pydantic import ValidationError
 
 #: What makes a submission fail with 503 (retry later) rather than 4xx.
 UNAVAILABLE: tuple[type[Exception], ...] = (LeveretError, *BROKER_EXCEPTIONS)

@@ -17,6 +17,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from aio_pika.abc import AbstractIncomingMessage
+from loguru import logger
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
+
 from leveret.amqp import BROKER_EXCEPTIONS, Outgoing, json_message, publish_all, send_reply
 from leveret.contracts import (
     ID_PATTERN,
@@ -35,8 +38,6 @@ from leveret.scheduler.admission import (
     parse_body,
 )
 from leveret.topology import RK_REJECTED, DeclaredTopology, result_routing_key
-from loguru import logger
-from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
 
 _ID = re.compile(ID_PATTERN)
 _KIND = re.compile(KIND_PATTERN)
@@ -192,7 +193,7 @@ async def _retrying(op: Callable[[], Awaitable[T]]) -> T:
     """Run `op` until it succeeds, backing off while the store or broker is in trouble."""
     async for attempt in AsyncRetrying(
         retry=retry_if_exception_type(TRANSIENT),
-        wait=wait_exponential_jitter(initial=0.1, max=5.0),
+        wait=wait_exponential_jitter(multiplier=0.1, max=5.0, jitter=0.1),
         before_sleep=lambda state: logger.warning(
             "intake retrying after {}", state.outcome.exception() if state.outcome else None
         ),

@@ -7,6 +7,9 @@ import os
 import socket
 
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
+from loguru import logger
+from pydantic import ValidationError
+
 from leveret.amqp import connect, json_message, open_channel
 from leveret.contracts import SchedulerStarted, WorkerStarted, decode_event
 from leveret.runtime import http_server, run_service, wait_started
@@ -16,8 +19,6 @@ from leveret.scheduler.intake import Intake
 from leveret.scheduler.store import SubmissionStore
 from leveret.settings import SchedulerSettings
 from leveret.topology import RK_SCHEDULER_STARTED, RK_WORKER_STARTED
-from loguru import logger
-from pydantic import ValidationError
 
 #: How long a stopping scheduler waits for submissions it holds to be admitted.
 DRAIN_TIMEOUT_S = 10.0

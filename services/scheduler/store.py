@@ -13,8 +13,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from leveret.contracts import TaskMessage, utcnow
-from leveret.db import create_engine, insert_for
 from sqlalchemy import (
     Column,
     DateTime,
@@ -26,6 +24,9 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.ext.asyncio import AsyncEngine
+
+from leveret.contracts import TaskMessage, utcnow
+from leveret.db import create_engine, insert_for
 
 CLAIMED = "claimed"
 DISPATCHED = "dispatched"

@@ -20,6 +20,9 @@ from datetime import datetime
 from typing import Any
 
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+from loguru import logger
+from pydantic import JsonValue, ValidationError
+
 from leveret import __version__
 from leveret.amqp import (
     BROKER_EXCEPTIONS,
@@ -43,7 +46,7 @@ from leveret.contracts import (
     utcnow,
 )
 from leveret.errors import PublishError, TaskFailed
-from leveret.handlers import Registry, TaskContext
+from leveret.handlers import Handler, Registry, TaskContext
 from leveret.settings import WorkerSettings
 from leveret.topology import (
     RK_SCHEDULER_STARTED,
@@ -54,8 +57,7 @@ from leveret.topology import (
     DeclaredTopology,
     result_routing_key,
 )
-from loguru import logger
-from pydantic import JsonValue, ValidationError
+from leveret.worker.isolation import HandlerCrashed, ProcessPool
 
 Outcome = tuple[TaskStatus, JsonValue, TaskError | None]
 
@@ -81,6 +83,8 @@ class Worker:
         self._in_flight: dict[str, asyncio.Task[Any]] = {}
         self._unreported: dict[str, StartedTask] = {}
         self._executor = ThreadPoolExecutor(settings.concurrency, thread_name_prefix="handler")
+        self._processes = ProcessPool(settings.concurrency)
+        self._sendable: dict[str, bool] = {}
         self._declared: DeclaredTopology | None = None
         self._events_channel: AbstractChannel | None = None
 
@@ -120,6 +124,7 @@ class Worker:
             await control.close()
         finally:
             self._executor.shutdown(wait=False, cancel_futures=True)
+            self._processes.close()
             await connection.close()
         logger.info(
             "worker {} stopped: {} completed, {} failed", self.id, self.completed, self.failed
@@ -236,9 +241,7 @@ class Worker:
         try:
             async with asyncio.timeout(task.timeout_s) as scope:
                 if handler.blocking:
-                    loop = asyncio.get_running_loop()
-                    call = functools.partial(handler.func, ctx, task.payload)
-                    value = await loop.run_in_executor(self._executor, call)
+                    value = await self._run_blocking(handler, ctx, task.payload)
                 else:
                     value = handler.func(ctx, task.payload)
                 if inspect.isawaitable(value):
@@ -249,10 +252,25 @@ class Worker:
             return _failure(type(exc).__name__, str(exc) or "timed out")
         except TaskFailed as exc:
             return _failure(exc.type, str(exc))
+        except HandlerCrashed as exc:
+            return _failure("handler_crashed", str(exc))
         except Exception as exc:  # a handler's own bug: fail the task, keep the worker
             logger.opt(exception=exc).debug("handler raised")
             return _failure(type(exc).__name__, str(exc) or repr(exc))
         return TaskStatus.COMPLETED, value, None
+
+    async def _run_blocking(self, handler: Handler, ctx: TaskContext, payload: Any) -> Any:
+        """A sync handler: in a killable child process, or a thread if it cannot be sent."""
+        sendable = self._sendable.get(handler.kind)
+        if sendable is None:
+            sendable = self._sendable[handler.kind] = ProcessPool.picklable(handler.func)
+            if not sendable:
+                logger.warning("handler {} cannot run in a child process: threads", handler.kind)
+        if sendable:
+            return await self._processes.call(handler.func, ctx, payload)
+        loop = asyncio.get_running_loop()
+        call = functools.partial(handler.func, ctx, payload)
+        return await loop.run_in_executor(self._executor, call)
 
     def _result(
         self,

@@ -1,4 +1,4 @@
-"""The whole path on a real broker: producer -> scheduler -> queue -> worker -> results -> tracker."""
+"""The whole path on a real broker: producer, scheduler, queue, worker, results, tracker."""
 
 from __future__ import annotations
 
@@ -149,7 +149,11 @@ BAD_AMQP_INPUT = [
     ("no-kind", b'{"payload": "x"}', "invalid_task"),
     ("bad-kind", b'{"kind": "no-such-kind", "payload": 1}', "unknown_kind"),
     ("extra-field", b'{"kind": "echo", "colour": "red"}', "invalid_task"),
-    ("too-large", json.dumps({"kind": "echo", "payload": "x" * 70_000}).encode(), "payload_too_large"),
+    (
+        "too-large",
+        json.dumps({"kind": "echo", "payload": "x" * 70_000}).encode(),
+        "payload_too_large",
+    ),
 ]
 
 
@@ -199,7 +203,11 @@ def test_bad_amqp_input_is_rejected_with_reason_and_dead_lettered(cluster: Clust
         (b'{"kind": "teleport"}', 422, "unknown_kind"),
         (b'{"kind": "echo", "priority": 42}', 422, "invalid_task"),
         (b'{"kind": "echo", "pool": "Bad Pool!"}', 422, "invalid_task"),
-        (json.dumps({"kind": "echo", "payload": "x" * (1024 * 1024 + 10)}).encode(), 413, "payload_too_large"),
+        (
+            json.dumps({"kind": "echo", "payload": "x" * (1024 * 1024 + 10)}).encode(),
+            413,
+            "payload_too_large",
+        ),
     ],
 )
 def test_bad_http_input_gets_a_clear_4xx(

@@ -1,0 +1,266 @@
+"""The tracker's HTTP API: task status and results, workers, statistics, health.
+
+An id the tracker never heard of is a 404 ("unknown task"), never `pending`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+from typing import Annotated
+
+from fastapi import FastAPI, HTTPException, Query
+from fastapi.responses import JSONResponse
+from loguru import logger
+from pydantic import BaseModel, JsonValue
+from sqlalchemy.exc import SQLAlchemyError
+
+from leveret.contracts import TaskStatus, utcnow
+from leveret.settings import TrackerSettings
+from leveret.tracker.state import TaskRecord, WorkerState
+from leveret.tracker.store import MAX_PAGE, InvalidCursor, TrackerStore, WorkerView
+
+
+class ErrorView(BaseModel):
+    """Why a task failed or was rejected."""
+
+    type: str
+    message: str
+
+
+class AttemptView(BaseModel):
+    """One run of a task."""
+
+    attempt: int
+    worker: str | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    outcome: TaskStatus | None
+
+
+class TaskSummary(BaseModel):
+    """A task in a list: status, error, who ran it and when (no result, no history)."""
+
+    id: str
+    kind: str | None
+    pool: str | None
+    status: TaskStatus
+    error: ErrorView | None
+    attempt: int
+    worker: str | None
+    correlation_id: str | None
+    submitted_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class TaskView(TaskSummary):
+    """One task in full: its result and every attempt."""
+
+    result: JsonValue = None
+    attempts: list[AttemptView]
+
+
+class TaskPageView(BaseModel):
+    """A page of `GET /tasks`; pass `next_cursor` back as `cursor` for the next one."""
+
+    tasks: list[TaskSummary]
+    next_cursor: str | None
+
+
+class WorkerStatsView(BaseModel):
+    """A worker's recorded results."""
+
+    id: str
+    state: WorkerState
+    completed: int
+    failed: int
+    busy_s: float
+
+
+class WorkerInfoView(WorkerStatsView):
+    """A registered worker."""
+
+    host: str
+    pid: int
+    pool: str
+    concurrency: int
+    kinds: list[str]
+    capabilities: list[str]
+    version: str
+    started_at: datetime
+    last_seen: datetime
+    stopped_at: datetime | None
+    in_flight: list[str]
+
+
+class WorkersView(BaseModel):
+    """Body of `GET /workers`."""
+
+    workers: list[WorkerInfoView]
+
+
+class ThroughputView(BaseModel):
+    """Completed + failed tasks per second."""
+
+    last_60s: float
+    overall: float
+
+
+class LatencyView(BaseModel):
+    """Submitted → finished seconds over recent terminal tasks (nearest rank)."""
+
+    p50: float | None
+    p95: float | None
+    p99: float | None
+    sample: int
+
+
+class StatsView(BaseModel):
+    """Body of `GET /stats`."""
+
+    counts: dict[TaskStatus, int]
+    total: int
+    throughput: ThroughputView
+    latency_s: LatencyView
+    workers: list[WorkerStatsView]
+
+
+def _summary_fields(t: TaskRecord) -> dict[str, object]:
+    error = None
+    if t.error_type is not None:
+        error = ErrorView(type=t.error_type, message=t.error_message or "")
+    return {
+        "id": t.id,
+        "kind": t.kind,
+        "pool": t.pool,
+        "status": t.status,
+        "error": error,
+        "attempt": t.attempt,
+        "worker": t.worker,
+        "correlation_id": t.correlation_id,
+        "submitted_at": t.submitted_at,
+        "started_at": t.started_at,
+        "finished_at": t.finished_at,
+    }
+
+
+def task_view(t: TaskRecord) -> TaskView:
+    """The full view of a record."""
+    history = [
+        AttemptView(
+            attempt=a.attempt,
+            worker=a.worker,
+            started_at=a.started_at,
+            finished_at=a.finished_at,
+            outcome=a.outcome,
+        )
+        for a in t.attempts
+    ]
+    return TaskView.model_validate({**_summary_fields(t), "result": t.result, "attempts": history})
+
+
+def _worker_stats(w: WorkerView) -> WorkerStatsView:
+    c = w.counters
+    return WorkerStatsView(
+        id=w.id, state=w.state, completed=c.completed, failed=c.failed, busy_s=round(c.busy_s, 3)
+    )
+
+
+def _worker_info(w: WorkerView) -> WorkerInfoView:
+    r = w.record
+    assert r is not None  # only registered workers are listed
+    return WorkerInfoView(
+        **_worker_stats(w).model_dump(),
+        host=r.host,
+        pid=r.pid,
+        pool=r.pool,
+        concurrency=r.concurrency,
+        kinds=list(r.kinds),
+        capabilities=list(r.capabilities),
+        version=r.version,
+        started_at=r.started_at,
+        last_seen=r.last_seen,
+        stopped_at=r.stopped_at,
+        in_flight=list(r.in_flight),
+    )
+
+
+def create_app(
+    store: TrackerStore,
+    settings: TrackerSettings,
+    *,
+    consuming: Callable[[], bool] = lambda: False,
+    clock: Callable[[], datetime] = utcnow,
+) -> FastAPI:
+    """The tracker API over `store`; `consuming` tells `/healthz` whether the consumer runs."""
+    app = FastAPI(
+        title="leveret tracker",
+        version="1",
+        summary=f"Task status, results and workers of namespace {settings.namespace!r}.",
+    )
+
+    @app.get("/tasks/{task_id}", response_model=TaskView)
+    async def get_task(task_id: str) -> TaskView:
+        """A task's status, result or error, attempts and timestamps."""
+        record = await store.get_task(task_id)
+        if record is None:
+            raise HTTPException(404, f"unknown task {task_id!r}")
+        return task_view(record)
+
+    @app.get("/tasks", response_model=TaskPageView)
+    async def list_tasks(
+        status: TaskStatus | None = None,
+        kind: str | None = None,
+        limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
+        cursor: str | None = None,
+    ) -> TaskPageView:
+        """Tasks newest first, filtered by status and kind, one page at a time."""
+        try:
+            page = await store.list_tasks(status=status, kind=kind, limit=limit, cursor=cursor)
+        except InvalidCursor as exc:
+            raise HTTPException(422, str(exc)) from exc
+        return TaskPageView(
+            tasks=[TaskSummary.model_validate(_summary_fields(t)) for t in page.tasks],
+            next_cursor=page.next_cursor,
+        )
+
+    @app.get("/workers", response_model=WorkersView)
+    async def list_workers() -> WorkersView:
+        """Every registered worker: state, last heartbeat, tasks in flight, recorded results."""
+        views = await store.list_workers(clock())
+        return WorkersView(workers=[_worker_info(w) for w in views])
+
+    @app.get("/stats", response_model=StatsView)
+    async def stats() -> StatsView:
+        """Counts by status, throughput, latency percentiles and per-worker totals."""
+        s = await store.stats(clock())
+        return StatsView(
+            counts=s.counts,
+            total=s.total,
+            throughput=ThroughputView(last_60s=s.throughput_60s, overall=s.throughput_overall),
+            latency_s=LatencyView(
+                p50=s.latency_s["p50"],
+                p95=s.latency_s["p95"],
+                p99=s.latency_s["p99"],
+                sample=s.latency_sample,
+            ),
+            workers=[_worker_stats(w) for w in s.workers],
+        )
+
+    @app.get("/healthz")
+    async def healthz() -> JSONResponse:
+        """200 when the database answers and the consumer runs; 503 otherwise."""
+        problems: list[str] = []
+        try:
+            await store.ping()
+        except (SQLAlchemyError, OSError) as exc:
+            logger.warning("health check: database unreachable: {}", exc)
+            problems.append("database unreachable")
+        if not consuming():
+            problems.append("not consuming")
+        if problems:
+            return JSONResponse({"status": "unavailable", "problems": problems}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    return app

@@ -1,0 +1,241 @@
+"""Consumes the tracker queue in batches.
+
+Ack timing: a batch is acked (one ``ack(multiple=True)`` per channel) only after
+the store committed it. A message that cannot be decoded is rejected without
+requeue, so the queue dead-letters it to the `rejected` queue; it is never acked
+and forgotten. When the database is unavailable the same batch is retried with
+backoff and stays unacked (back-pressure through the prefetch window, not loss).
+If the store refuses a batch for another reason, its messages are applied one by
+one and only the ones it still refuses are dead-lettered. Redelivered messages
+are harmless: applying a message twice changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
+from aiormq.exceptions import ChannelInvalidStateError
+from loguru import logger
+from pydantic import ValidationError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_exponential_jitter
+
+from leveret.amqp import BROKER_EXCEPTIONS, open_channel
+from leveret.contracts import TaskResult, decode_event
+from leveret.topology import Topology
+from leveret.tracker.state import TrackerMessage
+from leveret.tracker.store import TrackerStore
+
+#: Settling a delivery on a channel that died raises these; the broker redelivers it anyway.
+SETTLE_ERRORS: tuple[type[BaseException], ...] = (*BROKER_EXCEPTIONS, ChannelInvalidStateError)
+
+
+class Undecodable(ValueError):
+    """A delivery that is not a message the tracker understands."""
+
+
+def decode(topology: Topology, exchange: str, body: bytes) -> TrackerMessage:
+    """The message in a delivery, by the exchange it came through; raises :class:`Undecodable`."""
+    try:
+        if exchange == topology.results_exchange:
+            return TaskResult.model_validate_json(body)
+        if exchange == topology.events_exchange:
+            return decode_event(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "body"
+        raise Undecodable(f"{exc.error_count()} error(s); {where}: {first['msg']}") from exc
+    raise Undecodable(f"unexpected exchange {exchange!r}")
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for database failures worth waiting out (unreachable, locked, connection lost)."""
+    if isinstance(exc, OperationalError | InterfaceError):
+        return True
+    if isinstance(exc, DBAPIError):
+        return exc.connection_invalidated
+    return isinstance(exc, OSError | TimeoutError)
+
+
+def _log_retry(state: RetryCallState) -> None:
+    exc = state.outcome.exception() if state.outcome is not None else None
+    wait = state.next_action.sleep if state.next_action is not None else 0.0
+    logger.opt(exception=exc).error(
+        "tracker store write failed; retrying the same batch in {:.2f}s", wait
+    )
+
+
+class Consumer:
+    """Feeds the tracker queue to the store in batches; see the module docstring for acks."""
+
+    def __init__(
+        self,
+        store: TrackerStore,
+        topology: Topology,
+        *,
+        prefetch: int,
+        batch_max: int,
+        batch_wait_ms: float,
+    ) -> None:
+        self.store = store
+        self.topology = topology
+        self.prefetch = prefetch
+        self.batch_max = batch_max
+        self.batch_wait_s = batch_wait_ms / 1000
+        self.applied = 0
+        self.refused = 0
+        self._buffer: asyncio.Queue[AbstractIncomingMessage | None] = asyncio.Queue()
+        self._channel: AbstractChannel | None = None
+        self._queue: AbstractQueue | None = None
+        self._tag: str | None = None
+        self._stopping = False
+
+    @property
+    def running(self) -> bool:
+        """True while consuming on an open channel."""
+        channel = self._channel
+        return (
+            self._tag is not None
+            and not self._stopping
+            and channel is not None
+            and not channel.is_closed
+        )
+
+    async def start(self, connection: AbstractRobustConnection) -> None:
+        """Open a channel with the prefetch window and start consuming the tracker queue."""
+        self._channel = await open_channel(connection, prefetch=self.prefetch)
+        self._queue = await self.topology.tracker.declare(self._channel)
+        self._tag = await self._queue.consume(self._on_message)
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        # Deliveries are handed over in order; the batch loop keeps that order.
+        self._buffer.put_nowait(message)
+
+    async def stop(self) -> None:
+        """Stop taking deliveries; :meth:`run` returns once what it holds is applied."""
+        self._stopping = True
+        if self._queue is not None and self._tag is not None:
+            try:
+                await self._queue.cancel(self._tag)
+            except SETTLE_ERRORS as exc:
+                logger.warning("cancelling the tracker consumer failed: {}", exc)
+        self._buffer.put_nowait(None)
+
+    async def close(self) -> None:
+        """Close the channel (unacked deliveries go back to the queue)."""
+        if self._channel is not None and not self._channel.is_closed:
+            await self._channel.close()
+
+    async def run(self) -> None:
+        """Apply batches until :meth:`stop` was called and the buffer is drained."""
+        while True:
+            batch = await self._next_batch()
+            if batch:
+                await self._process(batch)
+            if self._stopping and self._buffer.empty():
+                return
+
+    async def _next_batch(self) -> list[AbstractIncomingMessage]:
+        """Up to `batch_max` deliveries, waiting at most `batch_wait_ms` after the first."""
+        first = await self._buffer.get()
+        if first is None:
+            return []
+        batch = [first]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.batch_wait_s
+        while len(batch) < self.batch_max:
+            if self._buffer.empty():
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    async with asyncio.timeout(remaining):
+                        item = await self._buffer.get()
+                except TimeoutError:
+                    break
+            else:
+                item = self._buffer.get_nowait()
+            if item is None:
+                break
+            batch.append(item)
+        return batch
+
+    async def _process(self, batch: list[AbstractIncomingMessage]) -> None:
+        decoded: list[tuple[AbstractIncomingMessage, TrackerMessage]] = []
+        for delivery in batch:
+            try:
+                decoded.append(
+                    (delivery, decode(self.topology, delivery.exchange or "", delivery.body))
+                )
+            except Undecodable as exc:
+                await self._refuse(delivery, str(exc))
+        if not decoded:
+            return
+        try:
+            await self._apply([m for _, m in decoded])
+            done = [d for d, _ in decoded]
+        except Exception:  # the store refuses the batch: find the message(s) it refuses
+            logger.exception(
+                "tracker store refused a batch of {}; applying one by one", len(decoded)
+            )
+            done = await self._apply_one_by_one(decoded)
+        self.applied += len(done)
+        await self._ack(done)
+
+    async def _apply(self, messages: list[TrackerMessage]) -> None:
+        """Apply in one transaction, waiting out transient database failures."""
+        async for attempt in AsyncRetrying(
+            wait=wait_exponential_jitter(multiplier=0.05, max=5.0, jitter=0.2),
+            retry=retry_if_exception(is_transient),
+            before_sleep=_log_retry,
+            reraise=True,
+        ):
+            with attempt:
+                await self.store.apply(messages)
+
+    async def _apply_one_by_one(
+        self, decoded: list[tuple[AbstractIncomingMessage, TrackerMessage]]
+    ) -> list[AbstractIncomingMessage]:
+        done: list[AbstractIncomingMessage] = []
+        for delivery, message in decoded:
+            try:
+                await self._apply([message])
+            except Exception as exc:  # loop boundary: one bad message must not stop the tracker
+                logger.exception("tracker store refused message {}", delivery.message_id)
+                await self._refuse(delivery, f"store refused it: {type(exc).__name__}")
+            else:
+                done.append(delivery)
+        return done
+
+    async def _refuse(self, delivery: AbstractIncomingMessage, reason: str) -> None:
+        """Dead-letter one delivery (reject without requeue) and say why."""
+        self.refused += 1
+        logger.warning(
+            "rejected message {} from exchange {!r} key {!r}: {}",
+            delivery.message_id,
+            delivery.exchange,
+            delivery.routing_key,
+            reason,
+        )
+        logger.debug("rejected body: {!r}", delivery.body[:512])
+        try:
+            await delivery.reject(requeue=False)
+        except SETTLE_ERRORS as exc:
+            logger.warning("reject not sent (the broker will redeliver): {}", exc)
+
+    async def _ack(self, done: list[AbstractIncomingMessage]) -> None:
+        """One ``ack(multiple=True)`` per channel, on its last applied delivery."""
+        last: dict[int, AbstractIncomingMessage] = {}
+        for delivery in done:
+            last[id(delivery.channel)] = delivery
+        for delivery in last.values():
+            try:
+                await delivery.ack(multiple=True)
+            except SETTLE_ERRORS as exc:
+                logger.warning("ack not sent (the broker will redeliver): {}", exc)

@@ -1,0 +1,220 @@
+"""The tracker's tables and the conversion between rows and :mod:`leveret.tracker.state` records.
+
+Timestamps are stored as UTC (naive on SQLite, ``timestamptz`` on PostgreSQL) and
+always read back timezone-aware.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    DateTime,
+    Dialect,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    TypeDecorator,
+)
+from sqlalchemy.engine import Row
+
+from leveret.contracts import TaskStatus
+from leveret.tracker.state import Attempt, TaskRecord, WorkerCounters, WorkerRecord
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """A timezone-aware UTC datetime on every dialect (naive input is taken as UTC)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        """Normalise to UTC; SQLite stores it naive."""
+        if value is None:
+            return None
+        value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        """Read back aware, in UTC."""
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+metadata = MetaData()
+
+tasks = Table(
+    "tasks",
+    metadata,
+    # Insertion order: the cursor of `GET /tasks` (newest first).
+    Column(
+        "seq", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    ),
+    Column("id", String(200), nullable=False, unique=True),
+    Column("kind", String(128)),
+    Column("pool", String(64)),
+    Column("status", String(16), nullable=False),
+    Column("result", JSON),
+    Column("error_type", String(200)),
+    Column("error_message", Text),
+    Column("attempt", Integer, nullable=False, default=0),
+    Column("worker", String(200)),
+    Column("correlation_id", String(200)),
+    Column("submitted_at", UtcDateTime),
+    Column("started_at", UtcDateTime),
+    Column("finished_at", UtcDateTime, index=True),
+)
+
+attempts = Table(
+    "attempts",
+    metadata,
+    Column("task_id", String(200), primary_key=True),
+    Column("attempt", Integer, primary_key=True),
+    Column("worker", String(200)),
+    Column("started_at", UtcDateTime),
+    Column("finished_at", UtcDateTime),
+    Column("outcome", String(16)),
+)
+
+workers = Table(
+    "workers",
+    metadata,
+    Column("id", String(200), primary_key=True),
+    Column("host", String(255), nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("pool", String(64), nullable=False),
+    Column("concurrency", Integer, nullable=False),
+    Column("kinds", JSON, nullable=False),
+    Column("capabilities", JSON, nullable=False),
+    Column("version", String(64), nullable=False),
+    Column("started_at", UtcDateTime, nullable=False),
+    Column("last_seen", UtcDateTime, nullable=False),
+    Column("in_flight", JSON, nullable=False),
+    Column("stopped_at", UtcDateTime),
+)
+
+#: Recorded results per worker id, incremented as they are recorded (cheap to read).
+worker_counters = Table(
+    "worker_counters",
+    metadata,
+    Column("worker", String(200), primary_key=True),
+    Column("completed", BigInteger, nullable=False, default=0),
+    Column("failed", BigInteger, nullable=False, default=0),
+    Column("busy_s", Float, nullable=False, default=0.0),
+)
+
+# Filter by status or kind, newest first, without a sort.
+Index("ix_tasks_status_seq", tasks.c.status, tasks.c.seq)
+Index("ix_tasks_kind_seq", tasks.c.kind, tasks.c.seq)
+
+
+def task_row(record: TaskRecord) -> dict[str, Any]:
+    """The `tasks` row of a record (without `seq`)."""
+    return {
+        "id": record.id,
+        "kind": record.kind,
+        "pool": record.pool,
+        "status": record.status.value,
+        "result": record.result,
+        "error_type": record.error_type,
+        "error_message": record.error_message,
+        "attempt": record.attempt,
+        "worker": record.worker,
+        "correlation_id": record.correlation_id,
+        "submitted_at": record.submitted_at,
+        "started_at": record.started_at,
+        "finished_at": record.finished_at,
+    }
+
+
+def attempt_row(task_id: str, entry: Attempt) -> dict[str, Any]:
+    """The `attempts` row of one history entry."""
+    return {
+        "task_id": task_id,
+        "attempt": entry.attempt,
+        "worker": entry.worker,
+        "started_at": entry.started_at,
+        "finished_at": entry.finished_at,
+        "outcome": entry.outcome.value if entry.outcome is not None else None,
+    }
+
+
+def worker_row(record: WorkerRecord) -> dict[str, Any]:
+    """The `workers` row of a record."""
+    return {
+        "id": record.id,
+        "host": record.host,
+        "pid": record.pid,
+        "pool": record.pool,
+        "concurrency": record.concurrency,
+        "kinds": list(record.kinds),
+        "capabilities": list(record.capabilities),
+        "version": record.version,
+        "started_at": record.started_at,
+        "last_seen": record.last_seen,
+        "in_flight": list(record.in_flight),
+        "stopped_at": record.stopped_at,
+    }
+
+
+def to_task(row: Row[Any], history: tuple[Attempt, ...] = ()) -> TaskRecord:
+    """A record from a `tasks` row and its attempts."""
+    return TaskRecord(
+        id=row.id,
+        status=TaskStatus(row.status),
+        kind=row.kind,
+        pool=row.pool,
+        result=row.result,
+        error_type=row.error_type,
+        error_message=row.error_message,
+        attempt=row.attempt,
+        worker=row.worker,
+        correlation_id=row.correlation_id,
+        submitted_at=row.submitted_at,
+        started_at=row.started_at,
+        finished_at=row.finished_at,
+        attempts=history,
+    )
+
+
+def to_attempt(row: Row[Any]) -> Attempt:
+    """A history entry from an `attempts` row."""
+    return Attempt(
+        attempt=row.attempt,
+        worker=row.worker,
+        started_at=row.started_at,
+        finished_at=row.finished_at,
+        outcome=TaskStatus(row.outcome) if row.outcome is not None else None,
+    )
+
+
+def to_worker(row: Row[Any]) -> WorkerRecord:
+    """A record from a `workers` row."""
+    return WorkerRecord(
+        id=row.id,
+        host=row.host,
+        pid=row.pid,
+        pool=row.pool,
+        concurrency=row.concurrency,
+        kinds=tuple(row.kinds),
+        capabilities=tuple(row.capabilities),
+        version=row.version,
+        started_at=row.started_at,
+        last_seen=row.last_seen,
+        in_flight=tuple(row.in_flight),
+        stopped_at=row.stopped_at,
+    )
+
+
+def to_counters(row: Row[Any]) -> WorkerCounters:
+    """Counters from a `worker_counters` row."""
+    return WorkerCounters(completed=row.completed, failed=row.failed, busy_s=row.busy_s)

@@ -1,0 +1,147 @@
+"""Blocking handlers run in child processes that can be killed.
+
+A sync handler cannot be cancelled: a thread stuck in a blocking call keeps
+running after its task timed out. So each blocking call goes to a warm child
+process; on timeout or cancellation that child is killed and replaced, which
+ends the call whatever it was doing. A child that dies by itself (a crash in a
+C extension, ``os._exit``) fails only its task, not the worker.
+
+Handlers must be importable by reference (module-level functions, which is what
+``--handlers`` modules hold); one that cannot be pickled runs in a thread instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import multiprocessing
+import pickle
+import signal
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+from loguru import logger
+
+from leveret.errors import TaskFailed
+from leveret.handlers import HandlerFunc, TaskContext
+
+_CTX = multiprocessing.get_context("spawn")
+
+
+class HandlerCrashed(Exception):
+    """The child process running a handler died before answering."""
+
+
+def _child_main(conn: Connection) -> None:
+    """The child's loop: receive a call, run it, send the outcome."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when children stop
+    while True:
+        try:
+            func, ctx, payload = conn.recv()
+        except (EOFError, OSError):
+            return
+        try:
+            value = func(ctx, payload)
+            if inspect.isawaitable(value):
+                value = asyncio.run(_await(value))
+            conn.send(("ok", value))
+        except TaskFailed as exc:
+            conn.send(("failed", exc.type, str(exc)))
+        except BaseException as exc:  # report everything; the parent fails the task
+            conn.send(("error", type(exc).__name__, str(exc) or repr(exc)))
+
+
+async def _await(value: Any) -> Any:
+    return await value
+
+
+class _Child:
+    """One child process and the parent's end of its pipe."""
+
+    def __init__(self) -> None:
+        self.conn, child_end = _CTX.Pipe(duplex=True)
+        self.proc: BaseProcess = _CTX.Process(target=_child_main, args=(child_end,), daemon=True)
+        self.proc.start()
+        child_end.close()
+
+    def kill(self) -> None:
+        if self.proc.is_alive():
+            self.proc.kill()
+        self.proc.join(5)
+        self.conn.close()
+
+
+class ProcessPool:
+    """At most `size` warm child processes, each running one blocking call at a time."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._idle: list[_Child] = []
+        self._slots = asyncio.Semaphore(size)
+        self.replaced = 0
+
+    @staticmethod
+    def picklable(func: HandlerFunc) -> bool:
+        """Whether `func` can be sent to a child (module-level functions can)."""
+        try:
+            pickle.dumps(func)
+        except Exception:
+            return False
+        return True
+
+    async def call(self, func: HandlerFunc, ctx: TaskContext, payload: Any) -> Any:
+        """Run ``func(ctx, payload)`` in a child; cancelling the call kills the child."""
+        async with self._slots:
+            child = self._idle.pop() if self._idle else await asyncio.to_thread(_Child)
+            healthy = False
+            try:
+                reply = await self._roundtrip(child, (func, ctx, payload))
+                healthy = True
+            finally:
+                if healthy:
+                    self._idle.append(child)
+                else:
+                    self.replaced += 1
+                    child.kill()
+        return _unpack(reply)
+
+    async def _roundtrip(self, child: _Child, message: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        readable: asyncio.Future[None] = loop.create_future()
+        fd = child.conn.fileno()
+
+        def on_readable() -> None:
+            if not readable.done():
+                readable.set_result(None)
+
+        child.conn.send(message)
+        loop.add_reader(fd, on_readable)
+        try:
+            await readable
+        finally:
+            loop.remove_reader(fd)
+        try:
+            return child.conn.recv()
+        except (EOFError, OSError) as exc:
+            child.proc.join(1)
+            code = child.proc.exitcode
+            raise HandlerCrashed(f"handler process died (exit code {code})") from exc
+
+    def close(self) -> None:
+        """Kill every idle child (busy ones are killed by their cancelled calls)."""
+        for child in self._idle:
+            with contextlib.suppress(Exception):
+                child.kill()
+        self._idle.clear()
+
+
+def _unpack(reply: Any) -> Any:
+    tag = reply[0]
+    if tag == "ok":
+        return reply[1]
+    if tag == "failed":
+        raise TaskFailed(reply[2], reply[1])
+    logger.debug("handler raised {}: {}", reply[1], reply[2])
+    raise TaskFailed(reply[2], reply[1])

@@ -1,0 +1,48 @@
+"""Handlers the tests load into real workers with ``--handlers sample_handlers``."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from leveret import TaskContext, TaskFailed, task
+
+
+@task("block")
+def block(ctx: TaskContext, payload: float) -> float:
+    """Sync and blocking; ignores cancellation (only killing its process ends it early)."""
+    time.sleep(float(payload))
+    return float(payload)
+
+
+@task("burn")
+def burn(ctx: TaskContext, payload: float) -> int:
+    """CPU-bound for `payload` seconds."""
+    end = time.monotonic() + float(payload)
+    n = 0
+    while time.monotonic() < end:
+        n += 1
+    return n
+
+
+@task("whoami")
+def whoami(ctx: TaskContext, payload: object) -> dict:
+    """Report the attempt context (sync, runs in a child process)."""
+    return {"attempt": ctx.attempt, "key": ctx.idempotency_key, "pid": os.getpid()}
+
+
+@task("picky")
+def picky(ctx: TaskContext, payload: object) -> None:
+    raise TaskFailed("not today", type="picky")
+
+
+@task("die")
+async def die(ctx: TaskContext, payload: object) -> None:
+    """Kills the whole worker process (a poison task)."""
+    os._exit(17)
+
+
+@task("die_in_child")
+def die_in_child(ctx: TaskContext, payload: object) -> None:
+    """Kills the child process that runs it."""
+    os._exit(9)

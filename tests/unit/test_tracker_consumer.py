@@ -1,0 +1,143 @@
+"""The tracker consumer's ack discipline, with fake deliveries and a fake store (no broker)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import cast
+
+import pytest
+from aio_pika.abc import AbstractIncomingMessage
+from sqlalchemy.exc import IntegrityError, OperationalError
+
+from leveret.contracts import TaskResult
+from leveret.topology import Topology
+from leveret.tracker.consumer import Consumer, Undecodable, decode, is_transient
+from leveret.tracker.state import TrackerMessage
+from leveret.tracker.store import Applied, TrackerStore
+
+TOPOLOGY = Topology("t-unit")
+
+
+@dataclass
+class FakeDelivery:
+    """Just enough of an aio-pika incoming message; records how it was settled."""
+
+    body: bytes
+    delivery_tag: int
+    exchange: str = TOPOLOGY.results_exchange
+    routing_key: str = "completed.default.echo"
+    message_id: str | None = None
+    channel: object = "channel-1"
+    settled: list[tuple[str, bool]] = field(default_factory=list)
+
+    async def ack(self, multiple: bool = False) -> None:
+        self.settled.append(("ack", multiple))
+
+    async def reject(self, requeue: bool = False) -> None:
+        self.settled.append(("reject", requeue))
+
+
+class FakeStore:
+    """Fails the first `transient_failures` applies; refuses any batch holding `poison`."""
+
+    def __init__(self, transient_failures: int = 0, poison: str | None = None) -> None:
+        self.transient_failures = transient_failures
+        self.poison = poison
+        self.committed: list[list[str]] = []
+        self.calls = 0
+
+    async def apply(self, messages: Sequence[TrackerMessage]) -> Applied:
+        self.calls += 1
+        if self.calls <= self.transient_failures:
+            raise OperationalError("INSERT", {}, Exception("database is locked"))
+        ids = [m.id for m in messages if isinstance(m, TaskResult)]
+        if self.poison in ids:
+            raise IntegrityError("INSERT", {}, Exception("value too long"))
+        self.committed.append(ids)
+        return Applied(len(ids), 0)
+
+
+def result_body(task_id: str) -> bytes:
+    return TaskResult(id=task_id, kind="echo", status="completed").model_dump_json().encode()
+
+
+def make_consumer(store: FakeStore) -> Consumer:
+    return Consumer(
+        cast(TrackerStore, store), TOPOLOGY, prefetch=100, batch_max=100, batch_wait_ms=1
+    )
+
+
+async def feed(consumer: Consumer, deliveries: list[FakeDelivery]) -> None:
+    for d in deliveries:
+        await consumer._on_message(cast(AbstractIncomingMessage, d))
+    await consumer.stop()  # no queue attached: only marks the end of input
+    await asyncio.wait_for(consumer.run(), 10)
+
+
+def test_decode_by_exchange() -> None:
+    assert isinstance(decode(TOPOLOGY, TOPOLOGY.results_exchange, result_body("a")), TaskResult)
+    with pytest.raises(Undecodable, match="unexpected exchange"):
+        decode(TOPOLOGY, "elsewhere", result_body("a"))
+    with pytest.raises(Undecodable, match="error"):
+        decode(TOPOLOGY, TOPOLOGY.events_exchange, b'{"type": "nope"}')
+    with pytest.raises(Undecodable):
+        decode(TOPOLOGY, TOPOLOGY.results_exchange, b"not json")
+
+
+def test_transient_errors() -> None:
+    assert is_transient(OperationalError("x", {}, Exception("locked")))
+    assert is_transient(ConnectionRefusedError())
+    assert not is_transient(IntegrityError("x", {}, Exception("dup")))
+    assert not is_transient(ValueError())
+
+
+async def test_batch_is_acked_once_after_commit_and_bad_input_rejected() -> None:
+    store = FakeStore()
+    good = [FakeDelivery(result_body(f"t{i}"), i) for i in (1, 2, 4)]
+    bad = FakeDelivery(b"{oops", 3)
+    last_bad = FakeDelivery(b"", 5, exchange=TOPOLOGY.events_exchange)
+    await feed(make_consumer(store), [good[0], good[1], bad, good[2], last_bad])
+    assert store.committed == [["t1", "t2", "t4"]]
+    assert bad.settled == [("reject", False)] and last_bad.settled == [("reject", False)]
+    # One multiple-ack on the last applied delivery (never on a rejected one).
+    assert [d.settled for d in good] == [[], [], [("ack", True)]]
+
+
+async def test_transient_store_failure_retries_the_same_batch_without_acking() -> None:
+    store = FakeStore(transient_failures=2)
+    deliveries = [FakeDelivery(result_body(f"t{i}"), i) for i in (1, 2)]
+    consumer = make_consumer(store)
+    await feed(consumer, deliveries)
+    assert store.calls == 3 and store.committed == [["t1", "t2"]]
+    assert deliveries[1].settled == [("ack", True)] and deliveries[0].settled == []
+    assert consumer.refused == 0
+
+
+async def test_a_message_the_store_refuses_is_isolated_and_dead_lettered() -> None:
+    store = FakeStore(poison="bad")
+    deliveries = [FakeDelivery(result_body(i), n) for n, i in enumerate(["a", "bad", "c"], 1)]
+    consumer = make_consumer(store)
+    await feed(consumer, deliveries)
+    assert store.committed == [["a"], ["c"]]
+    assert [d.settled for d in deliveries] == [[], [("reject", False)], [("ack", True)]]
+    assert consumer.refused == 1
+
+
+async def test_one_ack_per_channel_when_a_batch_spans_a_reconnect() -> None:
+    store = FakeStore()
+    old = FakeDelivery(result_body("a"), 7, channel="old")
+    new = [FakeDelivery(result_body(i), n, channel="new") for n, i in ((1, "b"), (2, "c"))]
+    await feed(make_consumer(store), [old, *new])
+    assert old.settled == [("ack", True)]
+    assert [d.settled for d in new] == [[], [("ack", True)]]
+
+
+async def test_batches_are_cut_at_batch_max() -> None:
+    store = FakeStore()
+    consumer = Consumer(
+        cast(TrackerStore, store), TOPOLOGY, prefetch=100, batch_max=2, batch_wait_ms=50
+    )
+    await feed(consumer, [FakeDelivery(result_body(f"t{i}"), i) for i in range(1, 6)])
+    assert store.committed == [["t1", "t2"], ["t3", "t4"], ["t5"]]
