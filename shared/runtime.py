@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Generator
@@ -67,9 +68,22 @@ def install_stop_signals(stop: asyncio.Event) -> None:
         loop.add_signal_handler(sig, handle, sig)
 
 
+def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop when installed (noticeably cheaper per message), else the default loop."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        return None
+    return uvloop.new_event_loop
+
+
 def run_service(name: str, settings: S, run: Callable[[S, asyncio.Event], Awaitable[None]]) -> None:
     """Configure logging, install signal handlers and run `run` until it returns."""
     configure(name, json=settings.log_json, level=settings.log_level)
+    # Everything imported so far lives forever: keep the collector from rescanning it,
+    # and collect young objects less often (a service allocates a lot per message).
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -77,7 +91,8 @@ def run_service(name: str, settings: S, run: Callable[[S, asyncio.Event], Awaita
         await run(settings, stop)
 
     try:
-        asyncio.run(main())
+        with asyncio.Runner(loop_factory=loop_factory()) as runner:
+            runner.run(main())
     except LeveretError as exc:
         logger.error("{} cannot run: {}", name, exc)
         sys.exit(2)

@@ -139,11 +139,14 @@ def bench(
     out: Annotated[Path, typer.Option(help="Markdown file the figures are appended to")] = Path(
         "docs/benchmarks.md"
     ),
+    paths: Annotated[str, typer.Option(help="Comma-separated: raw,amqp,http")] = "raw,amqp,http",
 ) -> None:
     """Measure raw aio-pika against leveret end to end; append the figures to docs."""
     from leveret.cli.bench import run_bench
 
-    raise typer.Exit(run_bench(tasks=tasks, workers=workers, concurrency=concurrency, out=out))
+    chosen = tuple(p.strip() for p in paths.split(",") if p.strip())
+    code = run_bench(tasks=tasks, workers=workers, concurrency=concurrency, out=out, paths=chosen)
+    raise typer.Exit(code)
 
 
 @app.command()

@@ -39,10 +39,12 @@ from leveret.amqp import connect, open_channel
 from leveret.cli.procs import Cluster, wait_for
 from leveret.client import Client
 from leveret.contracts import SubmitTask
+from leveret.runtime import loop_factory
 from leveret.settings import CommonSettings
 from leveret.topology import Topology, delete_namespace
 
 WINDOW = 500
+PATHS = ("raw", "amqp", "http")
 
 
 @dataclass
@@ -140,7 +142,8 @@ def _raw_consumer(url: str, tasks_q: str, results_q: str, prefetch: int, ready: 
         ready.set()
         await asyncio.Event().wait()
 
-    asyncio.run(main())
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
+        runner.run(main())
 
 
 async def _raw(url: str, n: int, workers: int, prefetch: int) -> tuple[Run, list[int]]:
@@ -270,7 +273,7 @@ def _leveret(
         with sampler.running():
             start = time.perf_counter()
             submit(cluster)
-            wait_for(lambda: _completed(cluster) >= n, 900, f"{n} results", interval_s=0.02)
+            wait_for(lambda: _completed(cluster) >= n, 900, f"{n} results", interval_s=0.1)
             seconds = time.perf_counter() - start
         latencies = _latencies(cluster, n)
         return Run(name, n, seconds, latencies, sampler.cpu(), sampler.peak)
@@ -333,35 +336,36 @@ def _markdown(runs: list[Run], raw: Run, workers: int, concurrency: int) -> str:
     return "\n".join(lines) + "\n\n"
 
 
-def run_bench(*, tasks: int, workers: int, concurrency: int, out: Path) -> int:
-    """Run both paths and report; return 0."""
+def run_bench(
+    *, tasks: int, workers: int, concurrency: int, out: Path, paths: tuple[str, ...] = PATHS
+) -> int:
+    """Run the chosen paths (raw, amqp, http) and report; return 0."""
     console = Console()
     url = CommonSettings().amqp_url
     broker = _broker_pid()
     broker_cpu0 = _cpu(psutil.Process(broker)) if broker else None
     console.print(f"bench: {tasks} tasks per path, {workers} workers x {concurrency}")
-    raw, _ = asyncio.run(_raw(url, tasks, workers, concurrency))
-    console.print(f"raw aio-pika: {raw.rate:.0f} tasks/s")
-    amqp = _leveret(
-        "leveret via AMQP intake",
-        url,
-        tasks,
-        workers,
-        concurrency,
-        lambda c: asyncio.run(_submit_amqp(url, c.namespace, tasks)),
-    )
-    console.print(f"leveret AMQP: {amqp.rate:.0f} tasks/s")
-    http = _leveret(
-        "leveret via HTTP batches",
-        url,
-        tasks,
-        workers,
-        concurrency,
-        lambda c: asyncio.run(_submit_http(c.scheduler_url, tasks)),
-    )
-    console.print(f"leveret HTTP: {http.rate:.0f} tasks/s")
-    runs = [raw, amqp, http]
-    console.print(_table(runs, raw))
+    runs: list[Run] = []
+    if "raw" in paths:
+        raw, _ = asyncio.run(_raw(url, tasks, workers, concurrency))
+        runs.append(raw)
+    submitters: dict[str, tuple[str, Callable[[Cluster], None]]] = {
+        "amqp": (
+            "leveret via AMQP intake",
+            lambda c: asyncio.run(_submit_amqp(url, c.namespace, tasks)),
+        ),
+        "http": (
+            "leveret via HTTP batches",
+            lambda c: asyncio.run(_submit_http(c.scheduler_url, tasks)),
+        ),
+    }
+    for key, (name, submit) in submitters.items():
+        if key in paths:
+            runs.append(_leveret(name, url, tasks, workers, concurrency, submit))
+    for run in runs:
+        console.print(f"{run.name}: {run.rate:.0f} tasks/s")
+    baseline = runs[0]
+    console.print(_table(runs, baseline))
     if broker and broker_cpu0 is not None:
         used = _cpu(psutil.Process(broker)) - broker_cpu0
         console.print(f"broker CPU over the whole bench: {used:.1f} s")
@@ -369,6 +373,6 @@ def run_bench(*, tasks: int, workers: int, concurrency: int, out: Path) -> int:
     if not out.exists():
         out.write_text("# Benchmarks\n\nAppended by `leveret bench`; newest last.\n\n")
     with out.open("a") as f:
-        f.write(_markdown(runs, raw, workers, concurrency))
+        f.write(_markdown(runs, baseline, workers, concurrency))
     console.print(f"appended to {out}")
     return 0

@@ -73,6 +73,10 @@ def parse_body(body: bytes, max_bytes: int) -> SubmitTask:
         raise SubmissionError(
             "payload_too_large", f"submission is {len(body)} bytes; the limit is {max_bytes}", 413
         )
+    try:  # fast path: one pass in pydantic-core; the slow path below explains failures
+        return SubmitTask.model_validate_json(body)
+    except ValidationError:
+        pass
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -191,6 +191,10 @@ def _guess_fields(message: AbstractIncomingMessage) -> dict[str, str | None]:
 
 async def _retrying(op: Callable[[], Awaitable[T]]) -> T:
     """Run `op` until it succeeds, backing off while the store or broker is in trouble."""
+    try:  # the common case, without building a retry loop per message
+        return await op()
+    except TRANSIENT as exc:
+        logger.warning("intake retrying after {}", exc)
     async for attempt in AsyncRetrying(
         retry=retry_if_exception_type(TRANSIENT),
         wait=wait_exponential_jitter(multiplier=0.1, max=5.0, jitter=0.1),
