@@ -36,6 +36,7 @@ from leveret.errors import BrokerError, PublishError
 BROKER_EXCEPTIONS: tuple[type[Exception], ...] = (
     aio_pika.exceptions.AMQPError,
     aiormq.exceptions.AMQPError,
+    aiormq.exceptions.ChannelInvalidStateError,
     ConnectionError,
     OSError,
     asyncio.TimeoutError,
@@ -46,13 +47,19 @@ T = TypeVar("T")
 
 
 async def connect(
-    url: str, name: str, *, connect_timeout_s: float = 120.0, heartbeat_s: int = 10
+    url: str,
+    name: str,
+    *,
+    connect_timeout_s: float = 120.0,
+    heartbeat_s: int = 10,
+    robust: bool = True,
 ) -> AbstractRobustConnection:
-    """Open a robust connection named `name` (shown as `connection_name` by the broker).
+    """Open a connection named `name` (shown as `connection_name` by the broker).
 
     The first connect is retried with exponential backoff for up to
-    `connect_timeout_s`, so services may start before the broker does; later
-    drops are healed by aio-pika's robust connection.
+    `connect_timeout_s`, so services may start before the broker does. A robust
+    connection heals later drops by itself; a plain one (``robust=False``) is for
+    callers that rebuild their whole session after a drop, as workers do.
     """
     props: FieldTable = {"connection_name": name, "product": "leveret", "pid": str(os.getpid())}
     try:
@@ -64,6 +71,11 @@ async def connect(
             reraise=True,
         ):
             with attempt:
+                if not robust:
+                    plain = await aio_pika.connect(
+                        url, client_properties=props, heartbeat=heartbeat_s
+                    )
+                    return plain  # type: ignore[return-value]  # same API minus reconnects
                 return await aio_pika.connect_robust(
                     url, client_properties=props, heartbeat=heartbeat_s, reconnect_interval=1.0
                 )

@@ -48,6 +48,7 @@ class TaskStatus(StrEnum):
 
     PENDING = "pending"  # accepted by the scheduler, waiting in a work queue
     RUNNING = "running"  # a worker holds it (see `worker`, `attempt`)
+    RETRYING = "retrying"  # an attempt failed; the broker holds it until the next one
     COMPLETED = "completed"  # terminal: the handler returned; `result` holds its value
     FAILED = "failed"  # terminal: the handler raised or the task could not run; see `error`
     CANCELLED = "cancelled"  # terminal: cancelled before it finished
@@ -87,7 +88,9 @@ class SubmitTask(BaseModel):
     timeout_s: float | None = Field(
         default=None, gt=0, le=7 * 24 * 3600, description="Seconds one attempt may run."
     )
-    max_retries: int | None = Field(default=None, ge=0, le=100, description="Reserved in v1.")
+    max_retries: int | None = Field(
+        default=None, ge=0, le=100, description="Attempts after the first that a failure may use."
+    )
     requires: list[Tag] | None = Field(default=None, description="Reserved in v1.")
 
 
@@ -125,6 +128,10 @@ class TaskMessage(_Model):
     correlation_id: str | None = None
     reply_to: str | None = None
     timeout_s: float | None = None
+    max_retries: int | None = None
+    attempt_offset: int = Field(
+        default=0, ge=0, description="Attempts made before this message (retries republish it)."
+    )
 
 
 class TaskResult(_Model):
@@ -182,6 +189,21 @@ class TasksStarted(_Model):
     tasks: list[StartedTask]
 
 
+class TaskRetrying(_Model):
+    """Event: an attempt failed and the task will run again after a broker-held delay."""
+
+    type: Literal["task.retrying"] = "task.retrying"
+    v: Literal[1] = 1
+    id: TaskId
+    attempt: int
+    worker: str
+    error: TaskError
+    started_at: datetime
+    retry_in_s: float
+    retry_at: datetime
+    at: datetime = Field(default_factory=utcnow)
+
+
 class WorkerInfo(_Model):
     """What a worker says about itself when it starts."""
 
@@ -236,6 +258,7 @@ class SchedulerStarted(_Model):
 Event = Annotated[
     TasksAccepted
     | TasksStarted
+    | TaskRetrying
     | WorkerStarted
     | WorkerHeartbeat
     | WorkerStopped
@@ -261,6 +284,7 @@ PUBLISHED_MODELS: dict[str, type[BaseModel]] = {
     "task-result": TaskResult,
     "tasks-accepted": TasksAccepted,
     "tasks-started": TasksStarted,
+    "task-retrying": TaskRetrying,
     "worker-started": WorkerStarted,
     "worker-heartbeat": WorkerHeartbeat,
     "worker-stopped": WorkerStopped,

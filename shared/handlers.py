@@ -71,17 +71,36 @@ class Handler:
     func: HandlerFunc
     blocking: bool
     advertised: bool = True  # announced to the scheduler as a kind this worker runs
+    timeout_s: float | None = None  # for tasks of this kind that set no timeout_s
+    max_retries: int = 0  # for tasks of this kind that set no max_retries
 
 
-def task(kind: str, *, blocking: bool | None = None) -> Callable[[HandlerFunc], HandlerFunc]:
+def task(
+    kind: str,
+    *,
+    blocking: bool | None = None,
+    timeout_s: float | None = None,
+    max_retries: int = 0,
+) -> Callable[[HandlerFunc], HandlerFunc]:
     """Mark a function as the handler of `kind` (found by ``--handlers module``).
 
-    `blocking` defaults to "not a coroutine function": sync handlers always run in
-    a thread so they cannot starve the worker's heartbeats.
+    `blocking` defaults to "not a coroutine function": sync handlers run in a
+    child process so they can neither starve the worker's heartbeats nor outlive
+    their timeout. `timeout_s` and `max_retries` are this kind's defaults for
+    tasks that do not set their own.
     """
 
     def mark(func: HandlerFunc) -> HandlerFunc:
-        setattr(func, _MARK, (kind, blocking))
+        setattr(
+            func,
+            _MARK,
+            {
+                "blocking": blocking,
+                "kind": kind,
+                "timeout_s": timeout_s,
+                "max_retries": max_retries,
+            },
+        )
         return func
 
     return mark
@@ -100,11 +119,13 @@ class Registry:
         *,
         blocking: bool | None = None,
         advertised: bool = True,
+        timeout_s: float | None = None,
+        max_retries: int = 0,
     ) -> None:
         """Register `func` as the handler of `kind` (replacing any earlier one)."""
         if blocking is None:
             blocking = not inspect.iscoroutinefunction(func)
-        self.handlers[kind] = Handler(kind, func, blocking, advertised)
+        self.handlers[kind] = Handler(kind, func, blocking, advertised, timeout_s, max_retries)
 
     def get(self, kind: str) -> Handler | None:
         """The handler of `kind`, or None."""
@@ -121,8 +142,8 @@ class Registry:
         except ImportError as exc:
             raise ConfigError(f"cannot import handler module {path!r}: {exc}") from exc
         found = 0
-        for kind, func, blocking in _marked(module):
-            self.register(kind, func, blocking=blocking)
+        for func, options in _marked(module):
+            self.register(func=func, **options)
             found += 1
         table = getattr(module, "HANDLERS", None)
         if isinstance(table, dict):
@@ -148,12 +169,11 @@ class Registry:
         return registry
 
 
-def _marked(module: object) -> Iterator[tuple[str, HandlerFunc, bool | None]]:
+def _marked(module: object) -> Iterator[tuple[HandlerFunc, dict[str, Any]]]:
     for value in vars(module).values():
         mark = getattr(value, _MARK, None)
-        if mark is not None:
-            kind, blocking = mark
-            yield kind, cast(HandlerFunc, value), blocking
+        if isinstance(mark, dict):
+            yield cast(HandlerFunc, value), mark
 
 
 # --- built-ins -------------------------------------------------------------------------------

@@ -13,6 +13,12 @@ namespace: ``leveret.submit``, ``leveret.results``, ``leveret.events``.
     leveret.events  (topic, task.* / worker.*)      --#--> leveret.tracker
     leveret.dead    (direct) --rejected--> leveret.rejected (quorum, for people to inspect)
                              --poison----> leveret.dead.letters (quorum, tracker)
+    leveret.retry.<n>s (fanout) --> leveret.retry.<n>s (quorum, TTL n s)
+                             --expired, dead-lettered--> leveret.work (same routing key: pool)
+
+A retry waits in the broker, never in a worker's memory: the worker publishes the
+task to the step queue whose TTL is the backoff and acks its delivery; when the TTL
+expires the broker dead-letters it back to the work exchange under its pool.
 
 Quorum queues are used everywhere a message must survive a broker restart.
 They have no `x-max-priority` before RabbitMQ 4.0, so nothing here declares it.
@@ -32,6 +38,7 @@ DEFAULT_NAMESPACE = "leveret"
 #: Routing keys on the events exchange.
 RK_TASKS_ACCEPTED = "task.accepted"
 RK_TASKS_STARTED = "task.started"
+RK_TASK_RETRYING = "task.retrying"
 RK_WORKER_STARTED = "worker.started"
 RK_WORKER_HEARTBEAT = "worker.heartbeat"
 RK_WORKER_STOPPED = "worker.stopped"
@@ -42,6 +49,9 @@ RK_POISON = "poison"
 
 #: Deliveries of one work message before the broker dead-letters it (crash loops).
 WORK_DELIVERY_LIMIT = 3
+#: The broker-held delays between attempts, seconds: one TTL queue each.
+RETRY_STEPS_S = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
 #: Deliveries of one intake message before it is dead-lettered (scheduler crash loops).
 INTAKE_DELIVERY_LIMIT = 5
 
@@ -136,6 +146,21 @@ class Topology:
         """Refused submissions, kept with their reason for a person to inspect."""
         return QueueSpec(f"{self.namespace}.rejected", {"x-queue-type": "quorum"})
 
+    def retry_exchange(self, step_s: int) -> str:
+        """The fanout exchange in front of one backoff step's TTL queue."""
+        return f"{self.namespace}.retry.{step_s}s"
+
+    def retry(self, step_s: int) -> QueueSpec:
+        """The TTL queue of one backoff step; expired messages go back to the work exchange."""
+        arguments = {
+            "x-queue-type": "quorum",
+            "x-message-ttl": step_s * 1000,
+            "x-dead-letter-exchange": self.work_exchange,
+            "x-dead-letter-strategy": "at-least-once",
+            "x-overflow": "reject-publish",
+        }
+        return QueueSpec(f"{self.namespace}.retry.{step_s}s", arguments)
+
     @property
     def dead_letters(self) -> QueueSpec:
         """Work messages the broker gave up on (delivery limit); the tracker records them."""
@@ -149,11 +174,13 @@ class Topology:
             self.results_exchange,
             self.events_exchange,
             self.dead_exchange,
+            *(self.retry_exchange(s) for s in RETRY_STEPS_S),
         ]
 
     def fixed_queues(self) -> list[QueueSpec]:
         """Every queue of the namespace except the per-pool work queues."""
-        return [self.intake, self.tracker, self.rejected, self.dead_letters]
+        retries = [self.retry(s) for s in RETRY_STEPS_S]
+        return [self.intake, self.tracker, self.rejected, self.dead_letters, *retries]
 
     async def declare(self, channel: AbstractChannel) -> DeclaredTopology:
         """Declare every exchange, fixed queue and binding. Safe to run again."""
@@ -176,6 +203,11 @@ class Topology:
         await rejected.bind(ex[self.dead_exchange], RK_REJECTED)
         dead = await self.dead_letters.declare(channel)
         await dead.bind(ex[self.dead_exchange], RK_POISON)
+        for step in RETRY_STEPS_S:
+            name = self.retry_exchange(step)
+            ex[name] = await channel.declare_exchange(name, ExchangeType.FANOUT, durable=True)
+            queue = await self.retry(step).declare(channel)
+            await queue.bind(ex[name], "")
         return DeclaredTopology(self, channel, ex)
 
 

@@ -105,7 +105,7 @@ def check_supported(task: SubmitTask, kinds: KindCatalog) -> None:
         )
     unsupported = [
         name
-        for name in ("priority", "depends_on", "max_retries", "requires")
+        for name in ("priority", "depends_on", "requires")
         if getattr(task, name) not in (None, [], 0)
     ]
     if unsupported:
@@ -138,6 +138,7 @@ def envelope(
         correlation_id=correlation_id,
         reply_to=reply_to,
         timeout_s=task.timeout_s,
+        max_retries=task.max_retries,
     )
 
 

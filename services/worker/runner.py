@@ -1,42 +1,50 @@
 """The worker: consume one pool's work queue with prefetch = concurrency, run each
-task's handler, publish its result, and only then ack.
+task's handler, publish its outcome, and only then ack.
 
-Ack timing: a delivery is acked only after its result is confirmed on the results
-exchange. If the worker dies first, the broker requeues the delivery and another
-worker runs it again (at-least-once); the tracker records only the first result.
-Blocking (sync) handlers run in a thread pool so heartbeats keep flowing.
+Ack timing: a delivery is acked only after its result (or, for a failure with
+retries left, the retry message and its `task.retrying` event) is confirmed by
+the broker. If the worker dies first, the broker requeues the delivery and
+another worker runs it again (at-least-once); the tracker records one result.
+
+Sessions: the worker works in *sessions*, one AMQP connection each, named after
+its registration id. When a session's connection is lost its deliveries are
+void (the broker requeued them), so in-flight attempts are cancelled and a new
+session starts. If the tracker closed the connection because the worker stopped
+heartbeating (reason ``leveret-fenced``), the worker also takes a new
+registration id, ``<id>~<n>``: the tracker has written its old attempts off.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
-import inspect
 import os
+import random
 import socket
-from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime
+from datetime import timedelta
+from enum import Enum
 from typing import Any
 
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
 from loguru import logger
-from pydantic import JsonValue, ValidationError
+from pydantic import BaseModel, ValidationError
 
 from leveret import __version__
 from leveret.amqp import (
     BROKER_EXCEPTIONS,
+    Outgoing,
     connect,
     delivery_count,
     json_message,
     open_channel,
+    publish_all,
     send_reply,
 )
 from leveret.contracts import (
     StartedTask,
-    TaskError,
     TaskMessage,
     TaskResult,
+    TaskRetrying,
     TasksStarted,
     TaskStatus,
     WorkerHeartbeat,
@@ -45,11 +53,12 @@ from leveret.contracts import (
     WorkerStopped,
     utcnow,
 )
-from leveret.errors import PublishError, TaskFailed
-from leveret.handlers import Handler, Registry, TaskContext
+from leveret.errors import BrokerError, PublishError
+from leveret.handlers import Registry, TaskContext
 from leveret.settings import WorkerSettings
 from leveret.topology import (
     RK_SCHEDULER_STARTED,
+    RK_TASK_RETRYING,
     RK_TASKS_STARTED,
     RK_WORKER_HEARTBEAT,
     RK_WORKER_STARTED,
@@ -57,20 +66,31 @@ from leveret.topology import (
     DeclaredTopology,
     result_routing_key,
 )
-from leveret.worker.isolation import HandlerCrashed, ProcessPool
+from leveret.worker.execution import Executor, Outcome, failure, retry_delay_s
 
-Outcome = tuple[TaskStatus, JsonValue, TaskError | None]
+FENCED_MARKER = "leveret-fenced"
+#: Why an outcome may not be confirmed; the delivery then goes back to the queue.
+UNCONFIRMED: tuple[type[Exception], ...] = (PublishError, *BROKER_EXCEPTIONS)
+
+
+class SessionEnd(Enum):
+    """Why a session ended."""
+
+    STOPPED = "stopped"  # graceful stop requested
+    LOST = "lost"  # the connection dropped (broker restart, network)
+    FENCED = "fenced"  # the tracker declared this registration dead
 
 
 class Worker:
-    """One worker process: its connection, channels, in-flight tasks and counters."""
+    """One worker process: sessions, in-flight tasks and counters."""
 
     def __init__(self, settings: WorkerSettings, registry: Registry) -> None:
         self.settings = settings
         self.registry = registry
-        self.id = settings.worker_id
+        self.base_id = settings.worker_id
+        self.generation = 1
         self.info = WorkerInfo(
-            id=self.id,
+            id=self.base_id,
             host=socket.gethostname(),
             pid=os.getpid(),
             pool=settings.pool,
@@ -80,33 +100,81 @@ class Worker:
         )
         self.completed = 0
         self.failed = 0
+        self.retried = 0
+        self._executor = Executor(registry, settings.concurrency)
         self._in_flight: dict[str, asyncio.Task[Any]] = {}
         self._unreported: dict[str, StartedTask] = {}
-        self._executor = ThreadPoolExecutor(settings.concurrency, thread_name_prefix="handler")
-        self._processes = ProcessPool(settings.concurrency)
-        self._sendable: dict[str, bool] = {}
         self._declared: DeclaredTopology | None = None
-        self._events_channel: AbstractChannel | None = None
+        self._events: AbstractChannel | None = None
+        self._rng = random.Random()
+
+    @property
+    def id(self) -> str:
+        """The current registration id (also the AMQP connection name)."""
+        return self.info.id
 
     # --- life cycle ------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event, *, ready: asyncio.Event | None = None) -> None:
-        """Work until `stop` is set, then stop gracefully (see :meth:`_drain`)."""
+        """Work in sessions until `stop` is set."""
+        try:
+            while not stop.is_set():
+                try:
+                    end = await self._session(stop, ready)
+                except BrokerError as exc:
+                    logger.warning("worker {} cannot reach the broker: {}", self.id, exc)
+                    continue
+                if end is SessionEnd.STOPPED:
+                    break
+                if end is SessionEnd.FENCED:
+                    self.generation += 1
+                    new_id = f"{self.base_id}~{self.generation}"
+                    logger.warning(
+                        "worker {} was declared dead by the tracker; re-registering as {}",
+                        self.id,
+                        new_id,
+                    )
+                    self.info = self.info.model_copy(update={"id": new_id})
+        finally:
+            self._executor.close()
+        logger.info(
+            "worker {} stopped: {} completed, {} failed, {} retried",
+            self.id,
+            self.completed,
+            self.failed,
+            self.retried,
+        )
+
+    async def _session(self, stop: asyncio.Event, ready: asyncio.Event | None) -> SessionEnd:
         s = self.settings
-        connection = await connect(s.amqp_url, self.id)
+        connecting = asyncio.ensure_future(
+            connect(s.amqp_url, self.id, robust=False, connect_timeout_s=3600)
+        )
+        await _first(connecting, stop.wait())
+        if not connecting.done() or connecting.cancelled():
+            return SessionEnd.STOPPED  # asked to stop while the broker was unreachable
+        connection = connecting.result()
+        lost = asyncio.Event()
+        reasons: list[str] = []
+
+        def on_close(_sender: object, exc: BaseException | None) -> None:
+            reasons.append(str(exc))
+            lost.set()
+
+        connection.close_callbacks.add(on_close)
         try:
             publish_channel = await open_channel(connection)
             self._declared = await s.topology.declare(publish_channel)
-            await self._declared.declare_pool(s.pool)
-            self._events_channel = await connection.channel(publisher_confirms=False)
+            queue = await self._declared.declare_pool(s.pool)
+            self._events = await connection.channel(publisher_confirms=False)
             work_channel = await open_channel(connection, prefetch=s.concurrency)
-            queue = await work_channel.get_queue(s.topology.work(s.pool).name)
-            control = await self._listen_for_schedulers(connection)
+            work_queue = await work_channel.get_queue(queue.name)
+            await self._listen_for_schedulers(connection)
             await self._announce()
             async with asyncio.TaskGroup() as group:
                 beats = group.create_task(self._heartbeats(), name="heartbeats")
                 flusher = group.create_task(self._report_started(), name="started")
-                tag = await queue.consume(self.on_message)
+                tag = await work_queue.consume(self.on_message)
                 logger.info(
                     "worker {} ready: pool {}, concurrency {}, kinds {}",
                     self.id,
@@ -116,21 +184,37 @@ class Worker:
                 )
                 if ready is not None:
                     ready.set()
-                await stop.wait()
-                await self._drain(queue, tag)
+                await _first(stop.wait(), lost.wait())
+                if lost.is_set():
+                    end = self._abandon(reasons)
+                else:
+                    end = SessionEnd.STOPPED
+                    await self._drain(work_queue, tag)
                 beats.cancel()
                 flusher.cancel()
-            await self._publish_event(RK_WORKER_STOPPED, WorkerStopped(worker=self.id))
-            await control.close()
+            if end is SessionEnd.STOPPED:
+                await self._publish_event(RK_WORKER_STOPPED, WorkerStopped(worker=self.id))
+            return end
         finally:
-            self._executor.shutdown(wait=False, cancel_futures=True)
-            self._processes.close()
-            await connection.close()
-        logger.info(
-            "worker {} stopped: {} completed, {} failed", self.id, self.completed, self.failed
-        )
+            connection.close_callbacks.discard(on_close)
+            with contextlib.suppress(*BROKER_EXCEPTIONS):
+                await connection.close()
 
-    async def _drain(self, queue: AbstractQueue, tag: str) -> None:
+    def _abandon(self, reasons: list[str]) -> SessionEnd:
+        """The connection is gone: its deliveries were requeued, so stop their attempts."""
+        reason = "; ".join(reasons) or "connection lost"
+        fenced = FENCED_MARKER in reason
+        logger.warning(
+            "worker {} lost its connection ({}); abandoning {} in-flight tasks",
+            self.id,
+            reason,
+            len(self._in_flight),
+        )
+        for task in self._in_flight.values():
+            task.cancel()
+        return SessionEnd.FENCED if fenced else SessionEnd.LOST
+
+    async def _drain(self, queue: Any, tag: str) -> None:
         """Stop taking work; let in-flight tasks finish within the grace period."""
         await queue.cancel(tag)
         pending = list(self._in_flight.values())
@@ -143,9 +227,9 @@ class Worker:
                 await asyncio.wait(late)
                 logger.warning("returned {} unfinished tasks to the queue", len(late))
 
-    async def _listen_for_schedulers(self, connection: Any) -> AbstractChannel:
+    async def _listen_for_schedulers(self, connection: AbstractRobustConnection) -> None:
         """Announce again whenever a scheduler starts, so it learns this worker's kinds."""
-        channel: AbstractChannel = await connection.channel(publisher_confirms=False)
+        channel = await connection.channel(publisher_confirms=False)
         exchange = await channel.get_exchange(self.settings.topology.events_exchange)
         queue = await channel.declare_queue(exclusive=True, auto_delete=True)
         await queue.bind(exchange, RK_SCHEDULER_STARTED)
@@ -154,7 +238,6 @@ class Worker:
             await self._announce()
 
         await queue.consume(on_event, no_ack=True)
-        return channel
 
     async def _announce(self) -> None:
         await self._publish_event(RK_WORKER_STARTED, WorkerStarted(worker=self.info))
@@ -184,10 +267,12 @@ class Worker:
             batch, self._unreported = list(self._unreported.values()), {}
             await self._publish_event(RK_TASKS_STARTED, TasksStarted(worker=self.id, tasks=batch))
 
-    async def _publish_event(self, routing_key: str, event: Any) -> None:
-        assert self._declared is not None and self._events_channel is not None
+    async def _publish_event(self, routing_key: str, event: BaseModel) -> None:
+        """Fire-and-forget events (heartbeats, started): losing one is harmless."""
+        if self._events is None:
+            return
         try:
-            exchange = await self._events_channel.get_exchange(
+            exchange = await self._events.get_exchange(
                 self.settings.topology.events_exchange, ensure=False
             )
             await exchange.publish(json_message(event, persistent=False), routing_key)
@@ -197,13 +282,14 @@ class Worker:
     # --- one delivery ----------------------------------------------------------------------
 
     async def on_message(self, message: AbstractIncomingMessage) -> None:
-        """Run one task and acknowledge it once its result is confirmed."""
+        """Run one attempt and settle its delivery once its outcome is confirmed."""
         try:
             task = TaskMessage.model_validate_json(message.body)
         except ValidationError as exc:
-            await self._refuse(message, exc)
+            logger.error("undecodable work message {} dead-lettered: {}", message.message_id, exc)
+            await message.reject(requeue=False)
             return
-        attempt = delivery_count(message) + 1
+        attempt = task.attempt_offset + delivery_count(message) + 1
         current = asyncio.current_task()
         assert current is not None
         self._in_flight[task.id] = current
@@ -211,24 +297,20 @@ class Worker:
         self._unreported[task.id] = StartedTask(id=task.id, attempt=attempt, started_at=started_at)
         try:
             with logger.contextualize(task_id=task.id, attempt=attempt, worker=self.id):
-                logger.debug("task {} started ({})", task.id, task.kind)
-                status, value, error = await self._execute(task, attempt)
-                result = self._result(task, attempt, started_at, status, value, error)
-                await self._deliver(task, result, message)
+                outcome = await self._attempt(task, attempt)
+                await self._settle(task, attempt, started_at, outcome, message)
         except asyncio.CancelledError:
             await _return_to_queue(message)
             raise
-        except PublishError as exc:
-            logger.warning("{}; returning task {} to the queue", exc, task.id)
+        except UNCONFIRMED as exc:
+            logger.warning("outcome of task {} not confirmed ({}); returning it", task.id, exc)
             await _return_to_queue(message)
         finally:
             self._in_flight.pop(task.id, None)
             self._unreported.pop(task.id, None)
 
-    async def _execute(self, task: TaskMessage, attempt: int) -> Outcome:
+    async def _attempt(self, task: TaskMessage, attempt: int) -> Outcome:
         handler = self.registry.get(task.kind)
-        if handler is None:
-            return _failure("unknown_kind", f"no handler for kind {task.kind!r} on {self.id}")
         ctx = TaskContext(
             task_id=task.id,
             kind=task.kind,
@@ -236,50 +318,82 @@ class Worker:
             attempt=attempt,
             worker_id=self.id,
             submitted_at=task.submitted_at,
-            timeout_s=task.timeout_s,
+            timeout_s=task.timeout_s or (handler.timeout_s if handler else None),
         )
-        try:
-            async with asyncio.timeout(task.timeout_s) as scope:
-                if handler.blocking:
-                    value = await self._run_blocking(handler, ctx, task.payload)
-                else:
-                    value = handler.func(ctx, task.payload)
-                if inspect.isawaitable(value):
-                    value = await value
-        except TimeoutError as exc:
-            if scope.expired():
-                return _failure("timeout", f"attempt exceeded timeout_s={task.timeout_s}")
-            return _failure(type(exc).__name__, str(exc) or "timed out")
-        except TaskFailed as exc:
-            return _failure(exc.type, str(exc))
-        except HandlerCrashed as exc:
-            return _failure("handler_crashed", str(exc))
-        except Exception as exc:  # a handler's own bug: fail the task, keep the worker
-            logger.opt(exception=exc).debug("handler raised")
-            return _failure(type(exc).__name__, str(exc) or repr(exc))
-        return TaskStatus.COMPLETED, value, None
+        logger.debug("task {} attempt {} started ({})", task.id, attempt, task.kind)
+        return await self._executor.run(task, ctx)
 
-    async def _run_blocking(self, handler: Handler, ctx: TaskContext, payload: Any) -> Any:
-        """A sync handler: in a killable child process, or a thread if it cannot be sent."""
-        sendable = self._sendable.get(handler.kind)
-        if sendable is None:
-            sendable = self._sendable[handler.kind] = ProcessPool.picklable(handler.func)
-            if not sendable:
-                logger.warning("handler {} cannot run in a child process: threads", handler.kind)
-        if sendable:
-            return await self._processes.call(handler.func, ctx, payload)
-        loop = asyncio.get_running_loop()
-        call = functools.partial(handler.func, ctx, payload)
-        return await loop.run_in_executor(self._executor, call)
-
-    def _result(
+    async def _settle(
         self,
         task: TaskMessage,
         attempt: int,
-        started_at: datetime,
-        status: TaskStatus,
-        value: Any,
-        error: TaskError | None,
+        started_at: Any,
+        outcome: Outcome,
+        message: AbstractIncomingMessage,
+    ) -> None:
+        handler = self.registry.get(task.kind)
+        retry = retry_delay_s(task, handler, attempt, outcome, self._rng)
+        if retry is not None and outcome.error is not None:
+            step, delay = retry
+            await self._retry_later(task, attempt, started_at, outcome, step, delay)
+            await message.ack()
+            self.retried += 1
+            logger.info(
+                "task {} attempt {} failed ({}); retrying in {:.2f} s",
+                task.id,
+                attempt,
+                outcome.error.type,
+                delay,
+            )
+            return
+        result = self._result(task, attempt, started_at, outcome)
+        await self._deliver(task, result)
+        await message.ack()
+        if result.status == TaskStatus.COMPLETED:
+            self.completed += 1
+            logger.debug("task {} completed", task.id)
+        else:
+            self.failed += 1
+            err = result.error
+            logger.info("task {} failed: {}: {}", task.id, err and err.type, err and err.message)
+
+    async def _retry_later(
+        self,
+        task: TaskMessage,
+        attempt: int,
+        started_at: Any,
+        outcome: Outcome,
+        step: int,
+        delay: float,
+    ) -> None:
+        """Park the task in the broker for `delay` seconds; announce `retrying`."""
+        assert self._declared is not None and outcome.error is not None
+        topo = self.settings.topology
+        again = task.model_copy(update={"attempt_offset": attempt})
+        parked = json_message(again, message_id=task.id, correlation_id=task.correlation_id)
+        parked.expiration = timedelta(seconds=delay)
+        event = TaskRetrying(
+            id=task.id,
+            attempt=attempt,
+            worker=self.id,
+            error=outcome.error,
+            started_at=started_at,
+            retry_in_s=delay,
+            retry_at=utcnow() + timedelta(seconds=delay),
+        )
+        await publish_all(
+            [
+                Outgoing(self._declared.exchange(topo.retry_exchange(step)), task.pool, parked),
+                Outgoing(
+                    self._declared.exchange(topo.events_exchange),
+                    RK_TASK_RETRYING,
+                    json_message(event),
+                ),
+            ]
+        )
+
+    def _result(
+        self, task: TaskMessage, attempt: int, started_at: Any, outcome: Outcome
     ) -> TaskResult:
         fields: dict[str, Any] = {
             "id": task.id,
@@ -291,50 +405,42 @@ class Worker:
             "started_at": started_at,
         }
         try:
-            return TaskResult(status=status, result=value, error=error, **fields)
-        except ValidationError:
-            error = TaskError(
-                type="result_not_json", message=f"handler returned {type(value).__name__}"
+            return TaskResult(
+                status=outcome.status, result=outcome.value, error=outcome.error, **fields
             )
-            return TaskResult(status=TaskStatus.FAILED, error=error, **fields)
+        except ValidationError:
+            bad = failure("result_not_json", f"handler returned {type(outcome.value).__name__}")
+            return TaskResult(status=bad.status, error=bad.error, **fields)
 
-    async def _deliver(
-        self, task: TaskMessage, result: TaskResult, message: AbstractIncomingMessage
-    ) -> None:
+    async def _deliver(self, task: TaskMessage, result: TaskResult) -> None:
+        """Publish the result (confirmed) and reply to the producer if it asked."""
         assert self._declared is not None
         topo = self.settings.topology
         corr = task.correlation_id or task.id
-        body = json_message(result, correlation_id=corr)
         exchange = self._declared.exchange(topo.results_exchange)
-        try:
-            await exchange.publish(
-                body, result_routing_key(result.status, task.pool, task.kind), mandatory=True
-            )
-        except BROKER_EXCEPTIONS as exc:
-            # Not confirmed: leave the delivery unacked; the broker redelivers it.
-            raise PublishError(f"result of {task.id} not confirmed: {exc}") from exc
+        await publish_all(
+            [
+                Outgoing(
+                    exchange,
+                    result_routing_key(result.status, task.pool, task.kind),
+                    json_message(result, correlation_id=corr),
+                )
+            ]
+        )
         if task.reply_to:
             reply = json_message(result, persistent=False, correlation_id=corr)
             await send_reply(self._declared.channel, task.reply_to, reply)
-        await message.ack()
-        if result.status == TaskStatus.COMPLETED:
-            self.completed += 1
-            logger.debug("task {} completed", task.id)
-        else:
-            self.failed += 1
-            error = result.error
-            logger.info(
-                "task {} failed: {}: {}", task.id, error and error.type, error and error.message
-            )
-
-    async def _refuse(self, message: AbstractIncomingMessage, exc: ValidationError) -> None:
-        """A work message that is not a task: dead-letter it with the reason, never ack it."""
-        logger.error("undecodable work message {} dead-lettered: {}", message.message_id, exc)
-        await message.reject(requeue=False)
 
 
-def _failure(kind: str, message: str) -> Outcome:
-    return TaskStatus.FAILED, None, TaskError(type=kind, message=message[:2000])
+async def _first(*aws: Any) -> None:
+    """Wait until the first of several awaitables finishes; cancel the others."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in tasks:
+            if not t.done():
+                t.cancel()
 
 
 async def _return_to_queue(message: AbstractIncomingMessage) -> None:

@@ -1,0 +1,124 @@
+"""Running one attempt of a task, and deciding whether a failure is retried.
+
+Async handlers run on the event loop and are cancelled on timeout; sync handlers
+run in a killable child process (see :mod:`leveret.worker.isolation`), so a
+timeout always ends the attempt. Nothing here touches the broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import random
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from loguru import logger
+from pydantic import JsonValue
+
+from leveret.contracts import TaskError, TaskMessage, TaskStatus
+from leveret.errors import TaskFailed
+from leveret.handlers import Handler, Registry, TaskContext
+from leveret.topology import RETRY_STEPS_S
+from leveret.worker.isolation import HandlerCrashed, ProcessPool
+
+#: Failures that another attempt cannot fix.
+NOT_RETRIED = frozenset({"unknown_kind", "bad_payload", "shell_disabled", "result_not_json"})
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How one attempt ended."""
+
+    status: TaskStatus
+    value: JsonValue = None
+    error: TaskError | None = None
+
+
+def failure(kind: str, message: str) -> Outcome:
+    """A failed outcome with an error of type `kind`."""
+    return Outcome(TaskStatus.FAILED, None, TaskError(type=kind, message=message[:2000]))
+
+
+def backoff_step_s(attempt: int) -> int:
+    """The broker-held delay step after failed attempt `attempt` (1, 2, 4, … s, capped)."""
+    return RETRY_STEPS_S[min(max(attempt, 1) - 1, len(RETRY_STEPS_S) - 1)]
+
+
+def retry_delay_s(
+    task: TaskMessage, handler: Handler | None, attempt: int, outcome: Outcome, rng: random.Random
+) -> tuple[int, float] | None:
+    """``(step, delay)`` if this failed attempt is retried, else None.
+
+    Exponential backoff with jitter: the delay is drawn from [step/2, step]; the
+    message waits in that step's TTL queue (its per-message expiration is the
+    delay, and the queue's TTL, the step, bounds it).
+    """
+    if outcome.status != TaskStatus.FAILED or outcome.error is None:
+        return None
+    if outcome.error.type in NOT_RETRIED:
+        return None
+    default = handler.max_retries if handler is not None else 0
+    allowed = task.max_retries if task.max_retries is not None else default
+    if attempt > allowed:
+        return None
+    step = backoff_step_s(attempt)
+    return step, round(step * rng.uniform(0.5, 1.0), 3)
+
+
+class Executor:
+    """Runs handlers of one registry with the worker's concurrency."""
+
+    def __init__(self, registry: Registry, concurrency: int) -> None:
+        self.registry = registry
+        self._threads = ThreadPoolExecutor(concurrency, thread_name_prefix="handler")
+        self._processes = ProcessPool(concurrency)
+        self._sendable: dict[str, bool] = {}
+
+    def close(self) -> None:
+        """Stop the thread pool and kill idle child processes."""
+        self._threads.shutdown(wait=False, cancel_futures=True)
+        self._processes.close()
+
+    async def run(self, task: TaskMessage, ctx: TaskContext) -> Outcome:
+        """Run one attempt; every failure becomes an outcome, only cancellation propagates."""
+        handler = self.registry.get(task.kind)
+        if handler is None:
+            return failure("unknown_kind", f"no handler for kind {task.kind!r} on {ctx.worker_id}")
+        timeout_s = ctx.timeout_s
+        try:
+            async with asyncio.timeout(timeout_s) as scope:
+                if handler.blocking:
+                    value = await self._run_blocking(handler, ctx, task.payload)
+                else:
+                    value = handler.func(ctx, task.payload)
+                    if inspect.isawaitable(value):
+                        value = await value
+        except TimeoutError as exc:
+            if scope.expired():
+                return failure("timeout", f"attempt exceeded timeout_s={timeout_s}")
+            return failure(type(exc).__name__, str(exc) or "timed out")
+        except TaskFailed as exc:
+            return failure(exc.type, str(exc))
+        except HandlerCrashed as exc:
+            return failure("handler_crashed", str(exc))
+        except Exception as exc:  # a handler's own bug: fail the task, keep the worker
+            logger.opt(exception=exc).debug("handler raised")
+            return failure(type(exc).__name__, str(exc) or repr(exc))
+        return Outcome(TaskStatus.COMPLETED, value)
+
+    async def _run_blocking(self, handler: Handler, ctx: TaskContext, payload: Any) -> Any:
+        """A sync handler: in a killable child process, or a thread if it cannot be sent."""
+        sendable = self._sendable.get(handler.kind)
+        if sendable is None:
+            sendable = self._sendable[handler.kind] = ProcessPool.picklable(handler.func)
+            if not sendable:
+                logger.warning("handler {} cannot run in a child process: threads", handler.kind)
+        if sendable:
+            return await self._processes.call(handler.func, ctx, payload)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._threads, functools.partial(handler.func, ctx, payload)
+        )
