@@ -71,10 +71,9 @@ class Client:
         await replies.consume(self._on_reply, no_ack=True)
 
     async def close(self) -> None:
-        """Close the connection; pending waits fail."""
+        """Close the connection; pending waits are cancelled."""
         for future in self._waiting.values():
-            if not future.done():
-                future.set_exception(LeveretError("client closed"))
+            future.cancel()
         if self._connection is not None:
             await self._connection.close()
 

@@ -162,3 +162,13 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
     report = yield
     setattr(item, f"rep_{report.when}", report)
     return report
+
+
+def pytest_terminal_summary(terminalreporter) -> None:  # type: ignore[no-untyped-def]
+    """Print what the tests measured (reassignment times, duplicates, backoff)."""
+    from helpers import FIGURES
+
+    if FIGURES:
+        terminalreporter.section("leveret: measured figures")
+        for line in FIGURES:
+            terminalreporter.write_line(line)

@@ -46,3 +46,11 @@ async def die(ctx: TaskContext, payload: object) -> None:
 def die_in_child(ctx: TaskContext, payload: object) -> None:
     """Kills the child process that runs it."""
     os._exit(9)
+
+
+@task("flaky", max_retries=3)
+async def flaky(ctx: TaskContext, payload: int) -> int:
+    """Fails its first `payload` attempts, then succeeds; retried by default (3 times)."""
+    if ctx.attempt <= int(payload):
+        raise TaskFailed(f"attempt {ctx.attempt} fails on purpose", type="flaky")
+    return ctx.attempt

@@ -1,0 +1,74 @@
+"""Small async helpers for tests: poll a condition with a deadline, read the tracker API."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import httpx
+
+
+async def eventually(
+    condition: Callable[[], Awaitable[bool]], timeout_s: float, what: str, interval_s: float = 0.05
+) -> None:
+    """Await `condition` until it holds; raise TimeoutError naming `what` at the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while not await condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout_s} s waiting for {what}")
+        await asyncio.sleep(interval_s)
+
+
+class TrackerApi:
+    """The tracker's HTTP API, for assertions."""
+
+    def __init__(self, base_url: str) -> None:
+        self.http = httpx.AsyncClient(base_url=base_url, timeout=10)
+
+    async def task(self, task_id: str) -> dict[str, Any]:
+        r = await self.http.get(f"/tasks/{task_id}")
+        return r.json() if r.status_code == 200 else {}
+
+    async def stats(self) -> dict[str, Any]:
+        return (await self.http.get("/stats")).json()
+
+    async def workers(self) -> list[dict[str, Any]]:
+        return (await self.http.get("/workers")).json()["workers"]
+
+    async def all_tasks(self) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        cursor = None
+        while True:
+            params: dict[str, Any] = {"limit": 1000}
+            if cursor:
+                params["cursor"] = cursor
+            page = (await self.http.get("/tasks", params=params)).json()
+            out.extend(page["tasks"])
+            cursor = page.get("next_cursor")
+            if not cursor:
+                return out
+
+    async def tasks_in_full(self, ids: list[str], parallel: int = 16) -> list[dict[str, Any]]:
+        """`GET /tasks/{id}` for each id (with the attempt history), a few at a time."""
+        gate = asyncio.Semaphore(parallel)
+
+        async def one(task_id: str) -> dict[str, Any]:
+            async with gate:
+                return await self.task(task_id)
+
+        return list(await asyncio.gather(*(one(i) for i in ids)))
+
+    async def close(self) -> None:
+        await self.http.aclose()
+
+
+#: Figures that tests measured; printed at the end of the run (pytest's terminal summary).
+FIGURES: list[str] = []
+
+
+def report(line: str) -> None:
+    """Record a measured figure for the end-of-run summary (and print it for -s)."""
+    FIGURES.append(line)
+    print(line)
