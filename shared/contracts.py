@@ -22,6 +22,10 @@ from pydantic import BaseModel, ConfigDict, Field, JsonValue, TypeAdapter
 
 PROTOCOL_VERSION = 1
 
+#: In the reason of a connection the tracker closed because its worker stopped
+#: heartbeating; a worker that sees it re-registers under a new id.
+FENCED_MARKER = "leveret-fenced"
+
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:@\-]{0,199}$"
 KIND_PATTERN = r"^[A-Za-z][A-Za-z0-9_.:\-]{0,127}$"
 POOL_PATTERN = r"^[a-z0-9][a-z0-9_\-]{0,63}$"

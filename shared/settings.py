@@ -91,7 +91,14 @@ class TrackerSettings(CommonSettings):
     prefetch: int = Field(default=2000, ge=1)
     batch_max: int = Field(default=1000, ge=1)
     batch_wait_ms: float = Field(default=20.0, ge=0)
-    heartbeat_timeout_s: float = Field(default=5.0, gt=0)
+    heartbeat_timeout_s: float = Field(
+        default=3.0, gt=0, description="Silence after which the watchdog fences a worker."
+    )
+    management_url: str | None = Field(
+        default=None,
+        description="RabbitMQ management API, e.g. http://user:pass@host:15672; "
+        "derived from amqp_url when unset.",
+    )
 
     @model_validator(mode="after")
     def _default_database(self) -> TrackerSettings:

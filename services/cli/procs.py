@@ -146,11 +146,12 @@ class Cluster:
     ) -> Service:
         """Start a worker (id = `name`) and wait until it consumes."""
         service = self.spawn(name, "worker", "--worker-id", name, *args, env=env)
-        wait_for(
-            lambda: _check_alive(service) and f"worker {name} ready" in service.log(),
-            timeout_s,
-            f"worker {name} to start",
-        )
+
+        def ready() -> bool:
+            # A worker may be ready and already gone (a poison task killed it).
+            return f"worker {name} ready" in service.log() or not _check_alive(service)
+
+        wait_for(ready, timeout_s, f"worker {name} to start")
         return service
 
     def _wait_http(self, service: Service, url: str, timeout_s: float) -> None:

@@ -17,8 +17,9 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from leveret.contracts import TaskStatus, utcnow
 from leveret.settings import TrackerSettings
-from leveret.tracker.state import TaskRecord, WorkerState
-from leveret.tracker.store import MAX_PAGE, InvalidCursor, TrackerStore, WorkerView
+from leveret.tracker.state import AttemptOutcome, TaskRecord
+from leveret.tracker.store import MAX_PAGE, InvalidCursor, TrackerStore
+from leveret.tracker.workers import Death, WorkerState, WorkerView
 
 
 class ErrorView(BaseModel):
@@ -35,7 +36,7 @@ class AttemptView(BaseModel):
     worker: str | None
     started_at: datetime | None
     finished_at: datetime | None
-    outcome: TaskStatus | None
+    outcome: AttemptOutcome | None
 
 
 class TaskSummary(BaseModel):
@@ -52,6 +53,7 @@ class TaskSummary(BaseModel):
     submitted_at: datetime | None
     started_at: datetime | None
     finished_at: datetime | None
+    retry_at: datetime | None = None
 
 
 class TaskView(TaskSummary):
@@ -91,6 +93,8 @@ class WorkerInfoView(WorkerStatsView):
     started_at: datetime
     last_seen: datetime
     stopped_at: datetime | None
+    dead_at: datetime | None
+    death: Death | None
     in_flight: list[str]
 
 
@@ -142,6 +146,7 @@ def _summary_fields(t: TaskRecord) -> dict[str, object]:
         "submitted_at": t.submitted_at,
         "started_at": t.started_at,
         "finished_at": t.finished_at,
+        "retry_at": t.retry_at,
     }
 
 
@@ -182,6 +187,8 @@ def _worker_info(w: WorkerView) -> WorkerInfoView:
         started_at=r.started_at,
         last_seen=r.last_seen,
         stopped_at=r.stopped_at,
+        dead_at=r.dead_at,
+        death=r.death,
         in_flight=list(r.in_flight),
     )
 

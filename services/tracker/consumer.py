@@ -8,16 +8,22 @@ backoff and stays unacked (back-pressure through the prefetch window, not loss).
 If the store refuses a batch for another reason, its messages are applied one by
 one and only the ones it still refuses are dead-lettered. Redelivered messages
 are harmless: applying a message twice changes nothing.
+
+:meth:`Consumer.caught_up_at` and :meth:`Consumer.listening_since` tell the watchdog
+what the tracker can have heard: a heartbeat waiting in the tracker's own backlog,
+or sent while the tracker was cut off from the broker, is not silence.
 """
 
 from __future__ import annotations
 
 import asyncio
+from datetime import datetime
 
 from aio_pika.abc import (
     AbstractChannel,
     AbstractIncomingMessage,
     AbstractQueue,
+    AbstractRobustChannel,
     AbstractRobustConnection,
 )
 from aiormq.exceptions import ChannelInvalidStateError
@@ -27,7 +33,7 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_exponential_jitter
 
 from leveret.amqp import BROKER_EXCEPTIONS, open_channel
-from leveret.contracts import TaskResult, decode_event
+from leveret.contracts import TaskResult, decode_event, utcnow
 from leveret.topology import Topology
 from leveret.tracker.state import TrackerMessage
 from leveret.tracker.store import TrackerStore
@@ -95,6 +101,23 @@ class Consumer:
         self._queue: AbstractQueue | None = None
         self._tag: str | None = None
         self._stopping = False
+        self._idle = False
+        self._caught_up = utcnow()
+        self._listening_since = utcnow()
+
+    def caught_up_at(self) -> datetime:
+        """When the consumer last had nothing left to apply while connected: now while it
+        waits for input on an open channel, else the last such moment (at first: start)."""
+        if self._idle and self.running:
+            self._caught_up = utcnow()
+        return self._caught_up
+
+    def listening_since(self) -> datetime:
+        """When the consumer last (re)started consuming: at start and after a reconnect."""
+        return self._listening_since
+
+    def _reopened(self, *_: object) -> None:
+        self._listening_since = utcnow()
 
     @property
     def running(self) -> bool:
@@ -110,6 +133,9 @@ class Consumer:
     async def start(self, connection: AbstractRobustConnection) -> None:
         """Open a channel with the prefetch window and start consuming the tracker queue."""
         self._channel = await open_channel(connection, prefetch=self.prefetch)
+        if isinstance(self._channel, AbstractRobustChannel):
+            self._channel.reopen_callbacks.add(self._reopened)
+        self._listening_since = utcnow()
         self._queue = await self.topology.tracker.declare(self._channel)
         self._tag = await self._queue.consume(self._on_message)
 
@@ -143,7 +169,16 @@ class Consumer:
 
     async def _next_batch(self) -> list[AbstractIncomingMessage]:
         """Up to `batch_max` deliveries, waiting at most `batch_wait_ms` after the first."""
-        first = await self._buffer.get()
+        if self._buffer.empty():
+            self._idle = True
+            try:
+                first = await self._buffer.get()
+            finally:
+                self._idle = False
+                if self.running:
+                    self._caught_up = utcnow()
+        else:
+            first = self._buffer.get_nowait()
         if first is None:
             return []
         batch = [first]
@@ -233,7 +268,11 @@ class Consumer:
         """One ``ack(multiple=True)`` per channel, on its last applied delivery."""
         last: dict[int, AbstractIncomingMessage] = {}
         for delivery in done:
-            last[id(delivery.channel)] = delivery
+            try:
+                last[id(delivery.channel)] = delivery
+            except ChannelInvalidStateError:
+                continue  # its channel died (broker restart): the broker redelivers it
+
         for delivery in last.values():
             try:
                 await delivery.ack(multiple=True)

@@ -1,4 +1,5 @@
-"""``leveret tracker``: the tracker-queue consumer and the HTTP API, in one process."""
+"""``leveret tracker``: the tracker-queue consumer, the dead-letter consumer, the worker
+watchdog and the HTTP API, in one process."""
 
 from __future__ import annotations
 
@@ -9,11 +10,15 @@ import socket
 from loguru import logger
 
 from leveret.amqp import connect, open_channel
+from leveret.contracts import utcnow
+from leveret.management import ManagementApi, vhost_of
 from leveret.runtime import http_server, run_service, wait_started
 from leveret.settings import TrackerSettings
 from leveret.tracker.api import create_app
 from leveret.tracker.consumer import Consumer
+from leveret.tracker.deadletters import DeadLetters
 from leveret.tracker.store import TrackerStore
+from leveret.tracker.watchdog import Watchdog
 
 #: How long a stopping tracker keeps applying the deliveries it already holds.
 DRAIN_TIMEOUT_S = 10.0
@@ -23,11 +28,13 @@ async def run(
     settings: TrackerSettings, stop: asyncio.Event, *, ready: asyncio.Event | None = None
 ) -> None:
     """Run the tracker until `stop` is set; `ready` is set once it consumes and listens."""
+    started_at = utcnow()  # every worker gets one heartbeat timeout from here
     name = f"leveret-tracker-{socket.gethostname()}-{os.getpid()}"
     assert settings.database_url is not None  # TrackerSettings fills in the default
     store = await TrackerStore.open(
         settings.database_url, heartbeat_timeout_s=settings.heartbeat_timeout_s
     )
+    api = ManagementApi.from_settings(settings.management_url, settings.amqp_url)
     try:
         connection = await connect(settings.amqp_url, name)
         try:
@@ -41,43 +48,73 @@ async def run(
                 batch_max=settings.batch_max,
                 batch_wait_ms=settings.batch_wait_ms,
             )
-            app = create_app(store, settings, consuming=lambda: consumer.running)
+            dead_letters = DeadLetters(store, settings.topology)
+            watchdog = Watchdog(
+                store,
+                api,
+                timeout_s=settings.heartbeat_timeout_s,
+                vhost=vhost_of(settings.amqp_url),
+                caught_up=consumer.caught_up_at,
+                listening_since=consumer.listening_since,
+                started_at=started_at,
+            )
+            app = create_app(
+                store, settings, consuming=lambda: consumer.running and dead_letters.running
+            )
             server = http_server(app, settings.host, settings.port)
             async with asyncio.TaskGroup() as group:
                 await consumer.start(connection)
+                await dead_letters.start(connection)
                 batches = group.create_task(consumer.run(), name="tracker-consumer")
+                letters = group.create_task(dead_letters.run(), name="tracker-dead-letters")
+                watching = group.create_task(watchdog.run(stop), name="tracker-watchdog")
                 http = group.create_task(server.serve(), name="tracker-http")
                 if await wait_started(server, stop):
                     logger.info(
-                        "tracker ready: http://{}:{} , queue {} , database {}",
+                        "tracker ready: http://{}:{} , queue {} , database {} , "
+                        "management API {} , heartbeat timeout {} s",
                         settings.host,
                         settings.port,
                         settings.topology.tracker.name,
                         store.engine.url.render_as_string(hide_password=True),
+                        api.url,
+                        settings.heartbeat_timeout_s,
                     )
                     if ready is not None:
                         ready.set()
                 await stop.wait()
 
                 logger.info("tracker stopping: applying what it holds")
+                await watching
                 await consumer.stop()
-                try:
-                    await asyncio.wait_for(asyncio.shield(batches), DRAIN_TIMEOUT_S)
-                except TimeoutError:
-                    logger.warning("tracker drain timed out; unacked messages are redelivered")
-                    batches.cancel()
+                await dead_letters.stop()
+                await _drain(batches, letters)
                 server.should_exit = True
                 await http
             await consumer.close()
+            await dead_letters.close()
             logger.info(
-                "tracker drained: {} messages applied, {} rejected",
+                "tracker drained: {} messages applied, {} rejected, {} dead letters handled, "
+                "{} workers declared dead",
                 consumer.applied,
                 consumer.refused,
+                dead_letters.handled,
+                watchdog.declared,
             )
         finally:
             await connection.close()
     finally:
+        await api.close()
         await store.close()
+
+
+async def _drain(*tasks: asyncio.Task[None]) -> None:
+    """Let the consumers apply what they hold, for up to :data:`DRAIN_TIMEOUT_S`."""
+    _, late = await asyncio.wait(tasks, timeout=DRAIN_TIMEOUT_S)
+    if late:
+        logger.warning("tracker drain timed out; unacked messages are redelivered")
+        for task in late:
+            task.cancel()
 
 
 def main(settings: TrackerSettings) -> None:

@@ -2,66 +2,62 @@
 
 :meth:`TrackerStore.apply` writes one batch of messages in ONE transaction: it
 loads the rows the batch touches, applies the messages in order with the pure
-functions of :mod:`leveret.tracker.state`, and writes only what changed. On
-PostgreSQL a transaction-level advisory lock serialises batches of several
-tracker replicas, so two of them never read-modify-write the same task at once.
-Applying a batch again is a no-op (redeliveries are expected).
+functions of :mod:`leveret.tracker.state`, and writes only what changed.
+:meth:`TrackerStore.declare_dead` records a watchdog verdict the same way. Such
+read-modify-write transactions run one at a time: an asyncio lock serialises the
+writers of one process (consumer, dead letters, watchdog), and on PostgreSQL a
+transaction-level advisory lock serialises several tracker replicas, so no two
+ever read-modify-write the same task at once. Applying a batch again is a no-op
+(redeliveries are expected).
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
-import math
+import contextlib
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime
 from typing import Any
 
 from loguru import logger
-from sqlalchemy import bindparam, func, select, text, update
+from sqlalchemy import bindparam, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from leveret.contracts import TaskStatus
 from leveret.db import create_engine, insert_for
-from leveret.tracker.state import (
-    Attempt,
-    Ledger,
-    TaskChange,
-    TaskRecord,
-    TrackerMessage,
-    WorkerCounters,
-    WorkerRecord,
-    WorkerState,
-    load_ids,
-    worker_state,
-)
+from leveret.tracker.ledger import Ledger, TaskChange, load_ids
+from leveret.tracker.state import Attempt, TaskRecord, TrackerMessage, WorkerCounters
+from leveret.tracker.stats import Stats, task_figures
 from leveret.tracker.tables import (
     attempt_row,
     attempts,
-    metadata,
     task_row,
     tasks,
     to_attempt,
     to_counters,
     to_task,
     to_worker,
+    upgrade,
     worker_counters,
     worker_row,
     workers,
+)
+from leveret.tracker.workers import (
+    Death,
+    WorkerRecord,
+    WorkerState,
+    WorkerView,
+    worker_state,
 )
 
 # SQLite caps bound parameters per statement; stay well below.
 _IN_CHUNK = 500
 #: Key of the PostgreSQL advisory lock that serialises batches across replicas.
 _APPLY_LOCK = 0x6C657665  # "leve"
-#: Terminal tasks sampled (newest first) for latency percentiles.
-LATENCY_SAMPLE = 10_000
-THROUGHPUT_WINDOW_S = 60.0
 MAX_PAGE = 1000
-
-_FINISHED_WORK = (TaskStatus.COMPLETED.value, TaskStatus.FAILED.value)
-_RAN = (TaskStatus.COMPLETED.value, TaskStatus.FAILED.value, TaskStatus.CANCELLED.value)
 
 
 class InvalidCursor(ValueError):
@@ -74,33 +70,6 @@ class TaskPage:
 
     tasks: list[TaskRecord]
     next_cursor: str | None
-
-
-@dataclass(frozen=True)
-class WorkerView:
-    """A worker with its state at read time and its recorded results."""
-
-    record: WorkerRecord | None
-    id: str
-    state: WorkerState
-    counters: WorkerCounters
-
-
-@dataclass(frozen=True)
-class Stats:
-    """Counts, throughput, latency and per-worker totals."""
-
-    counts: dict[TaskStatus, int]
-    throughput_60s: float
-    throughput_overall: float
-    latency_s: dict[str, float | None]
-    latency_sample: int
-    workers: list[WorkerView] = field(default_factory=list)
-
-    @property
-    def total(self) -> int:
-        """Every task the tracker knows."""
-        return sum(self.counts.values())
 
 
 @dataclass(frozen=True)
@@ -128,14 +97,6 @@ def decode_cursor(cursor: str) -> int:
         raise InvalidCursor(f"invalid cursor {cursor!r}") from exc
 
 
-def percentile(sorted_values: Sequence[float], p: float) -> float | None:
-    """Nearest-rank percentile (0 < p ≤ 100) of ascending values; None when empty."""
-    if not sorted_values:
-        return None
-    index = max(0, math.ceil(p / 100 * len(sorted_values)) - 1)
-    return sorted_values[index]
-
-
 def _chunks(ids: Sequence[str]) -> Iterable[Sequence[str]]:
     for start in range(0, len(ids), _IN_CHUNK):
         yield ids[start : start + _IN_CHUNK]
@@ -147,13 +108,14 @@ class TrackerStore:
     def __init__(self, engine: AsyncEngine, *, heartbeat_timeout_s: float = 5.0) -> None:
         self.engine = engine
         self.heartbeat_timeout_s = heartbeat_timeout_s
+        self._write_lock = asyncio.Lock()
 
     @classmethod
     async def open(cls, url: str, *, heartbeat_timeout_s: float = 5.0) -> TrackerStore:
         """Connect and create the tables if needed."""
         engine = create_engine(url)
         async with engine.begin() as conn:
-            await conn.run_sync(metadata.create_all)
+            await conn.run_sync(upgrade)
         return cls(engine, heartbeat_timeout_s=heartbeat_timeout_s)
 
     async def close(self) -> None:
@@ -170,23 +132,65 @@ class TrackerStore:
     async def apply(self, messages: Sequence[TrackerMessage]) -> Applied:
         """Apply a batch of messages, in order, in one transaction."""
         task_ids, worker_ids = load_ids(messages)
-        async with self.engine.begin() as conn:
-            if self.engine.dialect.name == "postgresql":
-                await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _APPLY_LOCK})
-            ledger = Ledger(
-                await self._load_tasks(conn, sorted(task_ids)),
-                await self._load_workers(conn, sorted(worker_ids)),
-                self.heartbeat_timeout_s,
-            )
+        async with self._writing() as conn:
+            ledger = await self._ledger(conn, task_ids, worker_ids)
             transitions = 0
             for message in messages:
                 for change in ledger.apply(message):
                     transitions += 1
                     _log_change(change)
             await self._write(conn, ledger)
-        for worker_id, note in ledger.worker_notes:
-            logger.info("worker {worker} {note}", worker=worker_id, note=note)
+        _log_notes(ledger)
         return Applied(transitions, len(ledger.changed_workers()))
+
+    async def declare_dead(self, worker_id: str, at: datetime, death: Death) -> int:
+        """Record the watchdog's verdict in ONE transaction. When the worker's deliveries
+        were released (`death.releases`), each of its attempts without an outcome becomes
+        `lost` and every non-terminal task whose current attempt was one of them is
+        `pending` again. Returns how many tasks went back to pending."""
+        async with self._writing() as conn:
+            task_ids: set[str] = set()
+            if death.releases:
+                query = select(attempts.c.task_id).where(
+                    attempts.c.worker == worker_id, attempts.c.outcome.is_(None)
+                )
+                task_ids = set((await conn.scalars(query.distinct())).all())
+            ledger = await self._ledger(conn, task_ids, {worker_id})
+            changes = ledger.declare_dead(worker_id, at, death)
+            for change in changes:
+                _log_change(change)
+            await self._write(conn, ledger)
+        return sum(1 for c in changes if c.after is TaskStatus.PENDING)
+
+    async def silent_workers(self, cutoff: datetime) -> list[WorkerRecord]:
+        """Workers last heard from before `cutoff` whose deliveries were not released yet
+        (the watchdog's candidates; it decides with :func:`leveret.tracker.workers.overdue`)."""
+        query = select(workers).where(
+            workers.c.last_seen < cutoff,
+            (workers.c.death.is_(None)) | (workers.c.death == Death.UNFENCED.value),
+        )
+        async with self.engine.connect() as conn:
+            return [to_worker(r) for r in await conn.execute(query)]
+
+    @contextlib.asynccontextmanager
+    async def _writing(self) -> AsyncIterator[AsyncConnection]:
+        """A read-modify-write transaction, one at a time: in this process (the consumer,
+        the watchdog and the dead-letter consumer write concurrently) and, on PostgreSQL,
+        across tracker replicas (an advisory lock taken before anything is read)."""
+        async with self._write_lock, self.engine.begin() as conn:
+            if self.engine.dialect.name == "postgresql":
+                await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _APPLY_LOCK})
+            yield conn
+
+    async def _ledger(
+        self, conn: AsyncConnection, task_ids: set[str], worker_ids: set[str]
+    ) -> Ledger:
+        """Load what a transaction touches."""
+        return Ledger(
+            await self._load_tasks(conn, sorted(task_ids)),
+            await self._load_workers(conn, sorted(worker_ids)),
+            self.heartbeat_timeout_s,
+        )
 
     async def _load_tasks(self, conn: AsyncConnection, ids: list[str]) -> dict[str, TaskRecord]:
         rows: dict[str, Any] = {}
@@ -320,20 +324,7 @@ class TrackerStore:
     async def stats(self, now: datetime) -> Stats:
         """Counts by status, throughput, latency percentiles and per-worker totals at `now`."""
         async with self.engine.connect() as conn:
-            grouped = await conn.execute(
-                select(tasks.c.status, func.count()).group_by(tasks.c.status)
-            )
-            counts = {s: 0 for s in TaskStatus}
-            for status, n in grouped:
-                counts[TaskStatus(status)] = n
-            recent = await conn.scalar(
-                select(func.count()).where(
-                    tasks.c.status.in_(_FINISHED_WORK),
-                    tasks.c.finished_at >= now - timedelta(seconds=THROUGHPUT_WINDOW_S),
-                )
-            )
-            overall = await self._overall_throughput(conn, counts)
-            latencies = await self._latency_sample(conn)
+            figures = await task_figures(conn, now)
             counters = await self._counters(conn)
         registered = {w.id: w for w in await self.list_workers(now)}
         views = list(registered.values()) + [
@@ -341,50 +332,20 @@ class TrackerStore:
             for wid, n in sorted(counters.items())
             if wid not in registered
         ]
-        return Stats(
-            counts=counts,
-            throughput_60s=(recent or 0) / THROUGHPUT_WINDOW_S,
-            throughput_overall=overall,
-            latency_s={f"p{p}": percentile(latencies, p) for p in (50, 95, 99)},
-            latency_sample=len(latencies),
-            workers=views,
-        )
+        return replace(figures, workers=views)
 
-    async def _overall_throughput(
-        self, conn: AsyncConnection, counts: dict[TaskStatus, int]
-    ) -> float:
-        """Completed+failed per second from the first recorded task to the last finish."""
-        done = counts[TaskStatus.COMPLETED] + counts[TaskStatus.FAILED]
-        if not done:
-            return 0.0
-        first = (
-            await conn.execute(
-                select(tasks.c.submitted_at, tasks.c.started_at, tasks.c.finished_at)
-                .order_by(tasks.c.seq)
-                .limit(1)
-            )
-        ).first()
-        last = await conn.scalar(
-            select(func.max(tasks.c.finished_at)).where(tasks.c.status.in_(_FINISHED_WORK))
-        )
-        start = next((t for t in first or () if t is not None), None)
-        if start is None or last is None:
-            return 0.0
-        span = (last - start).total_seconds()
-        return done / span if span > 0 else 0.0
 
-    async def _latency_sample(self, conn: AsyncConnection) -> list[float]:
-        """Submitted→finished seconds of the newest terminal tasks that ran, ascending."""
-        rows = await conn.execute(
-            select(tasks.c.submitted_at, tasks.c.finished_at)
-            .where(tasks.c.status.in_(_RAN), tasks.c.submitted_at.is_not(None))
-            .order_by(tasks.c.seq.desc())
-            .limit(LATENCY_SAMPLE)
-        )
-        return sorted(
-            max(0.0, (r.finished_at - r.submitted_at).total_seconds())
-            for r in rows
-            if r.finished_at is not None
+def _log_notes(ledger: Ledger) -> None:
+    """INFO lines for worker state changes and ignored messages of fenced attempts."""
+    for worker_id, note in ledger.worker_notes:
+        logger.info("worker {worker} {note}", worker=worker_id, note=note)
+    for f in ledger.fenced:
+        logger.info(
+            "late {what} of fenced attempt {attempt} of task {task} from worker {worker} ignored",
+            what=f.what,
+            attempt=f.attempt,
+            task=f.task_id,
+            worker=f.worker,
         )
 
 

@@ -1,7 +1,8 @@
 """The tracker's tables and the conversion between rows and :mod:`leveret.tracker.state` records.
 
 Timestamps are stored as UTC (naive on SQLite, ``timestamptz`` on PostgreSQL) and
-always read back timezone-aware.
+always read back timezone-aware. :func:`upgrade` brings a database made by an
+older version up to date (it only ever adds nullable columns and indexes).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     Column,
+    Connection,
     DateTime,
     Dialect,
     Float,
@@ -23,11 +25,13 @@ from sqlalchemy import (
     Table,
     Text,
     TypeDecorator,
+    inspect,
 )
 from sqlalchemy.engine import Row
 
 from leveret.contracts import TaskStatus
-from leveret.tracker.state import Attempt, TaskRecord, WorkerCounters, WorkerRecord
+from leveret.tracker.state import Attempt, AttemptOutcome, TaskRecord, WorkerCounters
+from leveret.tracker.workers import Death, WorkerRecord
 
 
 class UtcDateTime(TypeDecorator[datetime]):
@@ -72,6 +76,7 @@ tasks = Table(
     Column("submitted_at", UtcDateTime),
     Column("started_at", UtcDateTime),
     Column("finished_at", UtcDateTime, index=True),
+    Column("retry_at", UtcDateTime),
 )
 
 attempts = Table(
@@ -100,6 +105,9 @@ workers = Table(
     Column("last_seen", UtcDateTime, nullable=False),
     Column("in_flight", JSON, nullable=False),
     Column("stopped_at", UtcDateTime),
+    # Set by the watchdog; `death` says whether anything may revive the worker.
+    Column("dead_at", UtcDateTime),
+    Column("death", String(16)),
 )
 
 #: Recorded results per worker id, incremented as they are recorded (cheap to read).
@@ -115,6 +123,24 @@ worker_counters = Table(
 # Filter by status or kind, newest first, without a sort.
 Index("ix_tasks_status_seq", tasks.c.status, tasks.c.seq)
 Index("ix_tasks_kind_seq", tasks.c.kind, tasks.c.seq)
+# The watchdog finds a dead worker's open attempts.
+Index("ix_attempts_worker_outcome", attempts.c.worker, attempts.c.outcome)
+
+
+def upgrade(conn: Connection) -> None:
+    """Create what is missing: tables, then nullable columns and indexes added since."""
+    metadata.create_all(conn)
+    inspector = inspect(conn)
+    for table in metadata.sorted_tables:
+        present = {c["name"] for c in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name not in present and column.nullable:
+                kind = column.type.compile(dialect=conn.dialect)
+                conn.exec_driver_sql(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}')
+        indexes = {i["name"] for i in inspector.get_indexes(table.name)}
+        for index in table.indexes:
+            if index.name not in indexes:
+                index.create(conn, checkfirst=True)
 
 
 def task_row(record: TaskRecord) -> dict[str, Any]:
@@ -133,6 +159,7 @@ def task_row(record: TaskRecord) -> dict[str, Any]:
         "submitted_at": record.submitted_at,
         "started_at": record.started_at,
         "finished_at": record.finished_at,
+        "retry_at": record.retry_at,
     }
 
 
@@ -163,6 +190,8 @@ def worker_row(record: WorkerRecord) -> dict[str, Any]:
         "last_seen": record.last_seen,
         "in_flight": list(record.in_flight),
         "stopped_at": record.stopped_at,
+        "dead_at": record.dead_at,
+        "death": record.death.value if record.death is not None else None,
     }
 
 
@@ -182,6 +211,7 @@ def to_task(row: Row[Any], history: tuple[Attempt, ...] = ()) -> TaskRecord:
         submitted_at=row.submitted_at,
         started_at=row.started_at,
         finished_at=row.finished_at,
+        retry_at=row.retry_at,
         attempts=history,
     )
 
@@ -193,7 +223,7 @@ def to_attempt(row: Row[Any]) -> Attempt:
         worker=row.worker,
         started_at=row.started_at,
         finished_at=row.finished_at,
-        outcome=TaskStatus(row.outcome) if row.outcome is not None else None,
+        outcome=AttemptOutcome(row.outcome) if row.outcome is not None else None,
     )
 
 
@@ -212,6 +242,8 @@ def to_worker(row: Row[Any]) -> WorkerRecord:
         last_seen=row.last_seen,
         in_flight=tuple(row.in_flight),
         stopped_at=row.stopped_at,
+        dead_at=row.dead_at,
+        death=Death(row.death) if row.death is not None else None,
     )
 
 

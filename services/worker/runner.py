@@ -41,6 +41,7 @@ from leveret.amqp import (
     send_reply,
 )
 from leveret.contracts import (
+    FENCED_MARKER,
     StartedTask,
     TaskMessage,
     TaskResult,
@@ -68,7 +69,6 @@ from leveret.topology import (
 )
 from leveret.worker.execution import Executor, Outcome, failure, retry_delay_s
 
-FENCED_MARKER = "leveret-fenced"
 #: Why an outcome may not be confirmed; the delivery then goes back to the queue.
 UNCONFIRMED: tuple[type[Exception], ...] = (PublishError, *BROKER_EXCEPTIONS)
 

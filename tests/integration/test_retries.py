@@ -58,9 +58,13 @@ async def test_failures_are_retried_with_backoff_held_by_the_broker(retry_cluste
     assert result.status == TaskStatus.COMPLETED
     assert result.result == 3
     assert result.attempt == 3
+
+    async def recorded() -> bool:
+        return (await api.task(task_id)).get("status") == "completed"
+
+    await eventually(recorded, 10, "the tracker to record the completion")
     state = await api.task(task_id)
     await api.close()
-    assert state["status"] == "completed"
     attempts = sorted(state["attempts"], key=lambda a: a["attempt"])
     assert [a["attempt"] for a in attempts] == [1, 2, 3]
     starts = [datetime.fromisoformat(a["started_at"]) for a in attempts]

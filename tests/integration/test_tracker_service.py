@@ -292,6 +292,7 @@ async def test_heartbeat_registers_worker_and_stats_cover_every_status(tracker: 
     assert set(stats["counts"]) == {
         "pending",
         "running",
+        "retrying",
         "completed",
         "failed",
         "cancelled",

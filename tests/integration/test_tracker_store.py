@@ -21,8 +21,9 @@ from leveret.contracts import (
     WorkerStopped,
 )
 from leveret.settings import sqlite_url
-from leveret.tracker.state import TrackerMessage, WorkerState
+from leveret.tracker.state import AttemptOutcome, TrackerMessage
 from leveret.tracker.store import InvalidCursor, TrackerStore, decode_cursor, encode_cursor
+from leveret.tracker.workers import WorkerState
 
 T0 = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
 
@@ -87,7 +88,7 @@ async def test_lifecycle_with_attempts_and_aware_timestamps(store: TrackerStore)
     assert done.submitted_at == at(0) and done.finished_at == at(3)
     assert done.finished_at.tzinfo is not None
     assert [(a.attempt, a.worker, a.outcome) for a in done.attempts] == [
-        (1, "w1", TaskStatus.COMPLETED)
+        (1, "w1", AttemptOutcome.COMPLETED)
     ]
     assert await store.get_task("never-seen") is None
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Any, cast
 
 import pytest
 from aio_pika.abc import AbstractIncomingMessage
@@ -141,3 +141,27 @@ async def test_batches_are_cut_at_batch_max() -> None:
     )
     await feed(consumer, [FakeDelivery(result_body(f"t{i}"), i) for i in range(1, 6)])
     assert store.committed == [["t1", "t2"], ["t3", "t4"], ["t5"]]
+
+
+class FakeChannel:
+    is_closed = False
+
+
+async def test_caught_up_advances_only_while_idle_on_an_open_channel() -> None:
+    consumer = make_consumer(FakeStore())
+    born = consumer.caught_up_at()
+    assert consumer.listening_since() >= born
+    runner = asyncio.create_task(consumer.run())
+    await asyncio.sleep(0)  # let it start and block on its empty buffer
+    assert consumer.caught_up_at() == born  # idle, but not consuming: nothing was heard
+    consumer._channel, consumer._tag = cast(Any, FakeChannel()), "tag"
+    idle_and_listening = consumer.caught_up_at()
+    assert idle_and_listening > born
+    FakeChannel.is_closed = True  # cut off from the broker: silence is not news
+    try:
+        assert consumer.caught_up_at() == idle_and_listening
+    finally:
+        FakeChannel.is_closed = False
+        consumer._tag = None
+        await consumer.stop()
+        await asyncio.wait_for(runner, 5)

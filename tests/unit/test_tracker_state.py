@@ -19,18 +19,21 @@ from leveret.contracts import (
     WorkerStarted,
     WorkerStopped,
 )
+from leveret.tracker.ledger import Ledger
 from leveret.tracker.state import (
-    Ledger,
+    AttemptOutcome,
     WorkerCounters,
-    WorkerState,
     apply_accepted,
-    apply_heartbeat,
     apply_result,
     apply_started,
-    apply_worker_started,
-    apply_worker_stopped,
     counted,
     rank,
+)
+from leveret.tracker.workers import (
+    WorkerState,
+    apply_heartbeat,
+    apply_worker_started,
+    apply_worker_stopped,
     worker_change,
     worker_state,
 )
@@ -155,7 +158,7 @@ def test_result_overtaking_its_started_event_gets_started_at_filled() -> None:
     filled = apply_started(done, "w1", started(seconds=1))
     assert filled.status is TaskStatus.COMPLETED
     assert filled.started_at == at(1)
-    assert filled.attempts[0].outcome is TaskStatus.COMPLETED
+    assert filled.attempts[0].outcome is AttemptOutcome.COMPLETED
 
 
 def test_first_terminal_result_wins() -> None:
@@ -169,8 +172,8 @@ def test_first_terminal_result_wins() -> None:
     assert (later.worker, later.attempt, later.finished_at, later.result) == ("w1", 1, at(3), None)
     # The second run still shows in the history, with its own outcome.
     assert [(a.attempt, a.outcome) for a in later.attempts] == [
-        (1, TaskStatus.FAILED),
-        (2, TaskStatus.COMPLETED),
+        (1, AttemptOutcome.FAILED),
+        (2, AttemptOutcome.COMPLETED),
     ]
 
 

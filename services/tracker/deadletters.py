@@ -1,0 +1,327 @@
+"""Consumes the dead-letter queue: work messages the broker gave up on.
+
+A work message lands here when the quorum queue's delivery limit dead-lettered
+it (its handler crashed the worker process on every delivery) or when a worker
+rejected it. For each one the tracker records the task `failed` (type `poison`,
+or `invalid_message` for a rejection) through the same store path as every
+result, so the first terminal outcome still wins; then, if that failure is the
+task's outcome, publishes it on the results exchange and to the producer's
+`reply_to`; only then acks the dead letter.
+
+A dead letter that is not a task (undecodable) is recorded failed under its
+`message_id` when it has one, and always re-published, bytes untouched, to the
+`rejected` queue with the reason in ``x-leveret-reason``. Nothing stays in the
+dead-letter queue unnoticed, and nothing here stops the tracker: broker and
+database failures are waited out, anything else parks the message in `rejected`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeVar
+
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
+from aiormq.exceptions import ChannelInvalidStateError
+from loguru import logger
+from pydantic import ValidationError
+from tenacity import AsyncRetrying, retry_if_exception, wait_exponential_jitter
+
+from leveret.amqp import Outgoing, json_message, open_channel, publish_all, send_reply
+from leveret.contracts import TaskError, TaskMessage, TaskResult, TaskStatus
+from leveret.errors import BrokerError
+from leveret.topology import RK_REJECTED, WORK_DELIVERY_LIMIT, Topology, result_routing_key
+from leveret.tracker.consumer import SETTLE_ERRORS, is_transient
+from leveret.tracker.state import TaskRecord
+from leveret.tracker.store import TrackerStore
+
+T = TypeVar("T")
+
+#: Dead letters held at once; they are rare and handled one at a time.
+PREFETCH = 16
+#: How long a dead letter that could neither be handled nor parked waits to be requeued.
+GIVE_BACK_AFTER_S = 5.0
+#: Error types of the failures recorded here.
+POISON = "poison"
+INVALID_MESSAGE = "invalid_message"
+DEAD_LETTERED = "dead_lettered"
+
+
+class VoidDelivery(Exception):
+    """The delivery's channel closed: the broker requeued it, so stop handling it."""
+
+
+def death_of(headers: Mapping[str, Any] | None) -> tuple[str | None, int | None]:
+    """Why the broker dead-lettered a message and how often it was delivered before.
+
+    The reason comes from ``x-death`` (the `delivery_limit` entry if there is one,
+    else the newest entry), or ``x-first-death-reason``. The count is that entry's
+    `count`, else the ``x-delivery-count`` header, else unknown. RabbitMQ's own
+    `count` counts dead-letterings, not deliveries, so for a `delivery_limit` death
+    it is raised to what that limit implies (limit + 1 deliveries).
+    """
+    headers = headers or {}
+    deaths = [d for d in _as_list(headers.get("x-death")) if isinstance(d, Mapping)]
+    entry = next((d for d in deaths if _text(d.get("reason")) == "delivery_limit"), None)
+    if entry is None and deaths:
+        entry = deaths[0]
+    reason = _text(entry.get("reason")) if entry is not None else None
+    reason = reason or _text(headers.get("x-first-death-reason"))
+    count = _int(entry.get("count")) if entry is not None else None
+    if count is None:
+        count = _int(headers.get("x-delivery-count"))
+    if reason == "delivery_limit":
+        count = max(count or 0, WORK_DELIVERY_LIMIT + 1)
+    return reason, count
+
+
+def dead_letter_error(
+    reason: str | None, count: int | None, rejected_why: str | None = None
+) -> TaskError:
+    """The error a dead-lettered task is recorded failed with."""
+    if reason == "rejected":
+        why = f": {rejected_why}" if rejected_why else ""
+        return TaskError(type=INVALID_MESSAGE, message=f"a worker rejected the message{why}")
+    if reason in ("delivery_limit", None):
+        if count:
+            message = f"worker crashed {count} times running it (delivery limit reached)"
+        else:
+            message = "workers crashed running it until the delivery limit was reached"
+        return TaskError(type=POISON, message=message)
+    return TaskError(type=DEAD_LETTERED, message=f"the broker dead-lettered it ({reason})")
+
+
+class DeadLetters:
+    """Consumes the dead-letter queue one message at a time (see the module docstring)."""
+
+    def __init__(self, store: TrackerStore, topology: Topology) -> None:
+        self.store = store
+        self.topology = topology
+        self.handled = 0
+        self._buffer: asyncio.Queue[AbstractIncomingMessage | None] = asyncio.Queue()
+        self._channel: AbstractChannel | None = None
+        self._queue: AbstractQueue | None = None
+        self._tag: str | None = None
+        self._results: AbstractExchange | None = None
+        self._dead: AbstractExchange | None = None
+
+    @property
+    def running(self) -> bool:
+        """True while consuming on an open channel."""
+        channel = self._channel
+        return self._tag is not None and channel is not None and not channel.is_closed
+
+    async def start(self, connection: AbstractRobustConnection) -> None:
+        """Open a channel (confirms on) and start consuming the dead-letter queue."""
+        self._channel = await open_channel(connection, prefetch=PREFETCH)
+        self._queue = await self.topology.dead_letters.declare(self._channel)
+        get = self._channel.get_exchange
+        self._results = await get(self.topology.results_exchange, ensure=False)
+        self._dead = await get(self.topology.dead_exchange, ensure=False)
+        self._tag = await self._queue.consume(self._on_message)
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        self._buffer.put_nowait(message)
+
+    async def stop(self) -> None:
+        """Stop taking dead letters; :meth:`run` returns after the one in hand."""
+        if self._queue is not None and self._tag is not None:
+            try:
+                await self._queue.cancel(self._tag)
+            except SETTLE_ERRORS as exc:
+                logger.warning("cancelling the dead-letter consumer failed: {}", exc)
+        self._tag = None
+        self._buffer.put_nowait(None)
+
+    async def close(self) -> None:
+        """Close the channel (unacked dead letters go back to their queue)."""
+        if self._channel is not None and not self._channel.is_closed:
+            await self._channel.close()
+
+    async def run(self) -> None:
+        """Handle dead letters until :meth:`stop`."""
+        while (delivery := await self._buffer.get()) is not None:
+            await self.handle(delivery)
+
+    async def handle(self, delivery: AbstractIncomingMessage) -> None:
+        """Record, publish, then ack one dead letter. Never raises (but cancellation)."""
+        try:
+            await self._handle(delivery)
+        except VoidDelivery:
+            logger.warning("dead letter {} returned to its queue", delivery.message_id)
+            return
+        except Exception:  # loop boundary: not even parking worked; try again later
+            logger.exception(
+                "dead letter {} could not be handled nor parked; requeueing it in {} s",
+                delivery.message_id,
+                GIVE_BACK_AFTER_S,
+            )
+            await asyncio.sleep(GIVE_BACK_AFTER_S)  # a back-off, not a synchronisation
+            with contextlib.suppress(*SETTLE_ERRORS):
+                await delivery.reject(requeue=True)
+            return
+        self.handled += 1
+        try:
+            await delivery.ack()
+        except SETTLE_ERRORS as exc:
+            logger.warning("dead letter ack not sent (the broker will redeliver): {}", exc)
+
+    async def _handle(self, delivery: AbstractIncomingMessage) -> None:
+        try:
+            await self._retrying(delivery, lambda: self._process(delivery))
+        except VoidDelivery:
+            raise
+        except Exception as exc:  # a bug or a refusal: park it where a person will see it
+            logger.exception("dead letter {} could not be handled", delivery.message_id)
+            why = f"the tracker could not handle it: {type(exc).__name__}: {exc}"
+            await self._retrying(delivery, lambda: self._park(delivery, why, "tracker_error"))
+
+    async def _process(self, delivery: AbstractIncomingMessage) -> None:
+        try:
+            task = TaskMessage.model_validate_json(delivery.body)
+        except ValidationError as exc:
+            await self._undecodable(delivery, exc)
+            return
+        reason, count = death_of(delivery.headers)
+        why = _text((delivery.headers or {}).get("x-leveret-reason"))
+        error = dead_letter_error(reason, count, why)
+        attempt = task.attempt_offset + count if count else task.attempt_offset
+        result = TaskResult(
+            id=task.id,
+            kind=task.kind,
+            pool=task.pool,
+            status=TaskStatus.FAILED,
+            error=error,
+            attempt=attempt,
+            submitted_at=task.submitted_at,
+        )
+        record = await self._record(result)
+        if record is None:
+            return
+        published = _as_recorded(result, record)
+        corr = task.correlation_id or task.id
+        await self._publish_result(published, corr)
+        if task.reply_to:
+            assert self._channel is not None
+            reply = json_message(published, persistent=False, correlation_id=corr)
+            await send_reply(self._channel, task.reply_to, reply)
+
+    async def _undecodable(self, delivery: AbstractIncomingMessage, exc: ValidationError) -> None:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "body"
+        why = f"dead-lettered message is not a task: {where}: {first['msg']}"
+        task_id = delivery.message_id
+        if task_id:
+            error = TaskError(type=INVALID_MESSAGE, message=why)
+            result = TaskResult(id=task_id, kind="_", pool="_", status="failed", error=error)
+            record = await self._record(result)
+            if record is not None:
+                await self._publish_result(_as_recorded(result, record), task_id)
+        await self._park(delivery, why, INVALID_MESSAGE)
+
+    async def _record(self, result: TaskResult) -> TaskRecord | None:
+        """Apply the failure; the record if it is now the task's outcome, else None."""
+        await self.store.apply([result])
+        record = await self.store.get_task(result.id)
+        error = result.error
+        assert error is not None
+        ours = (
+            record is not None
+            and record.status is TaskStatus.FAILED
+            and (record.error_type, record.error_message) == (error.type, error.message)
+        )
+        log = logger.bind(task_id=result.id)
+        if not ours:
+            status = record.status if record is not None else "unknown"
+            log.info("dead letter of task {} ignored: it already ended {}", result.id, status)
+            return None
+        log.info("task {} failed: {}: {}", result.id, error.type, error.message)
+        return record
+
+    async def _publish_result(self, result: TaskResult, correlation_id: str) -> None:
+        assert self._results is not None
+        key = result_routing_key(result.status, result.pool, result.kind)
+        message = json_message(result, correlation_id=correlation_id)
+        await publish_all([Outgoing(self._results, key, message)])
+
+    async def _park(self, delivery: AbstractIncomingMessage, why: str, error_type: str) -> None:
+        """Re-publish the original bytes to the `rejected` queue with the reason."""
+        assert self._dead is not None
+        headers: dict[str, Any] = dict(delivery.headers or {})
+        headers["x-leveret-reason"] = why[:1000]
+        headers["x-leveret-error-type"] = error_type
+        copy = json_message(
+            delivery.body,
+            correlation_id=delivery.correlation_id,
+            message_id=delivery.message_id,
+            reply_to=delivery.reply_to,
+            headers=headers,
+        )
+        copy.content_type = delivery.content_type
+        copy.content_encoding = delivery.content_encoding
+        await publish_all([Outgoing(self._dead, RK_REJECTED, copy)])
+        logger.warning(
+            "dead letter {} moved to {}: {}", delivery.message_id, self.topology.rejected.name, why
+        )
+
+    async def _retrying(
+        self, delivery: AbstractIncomingMessage, step: Callable[[], Awaitable[T]]
+    ) -> T:
+        """Run `step`, waiting out broker and database trouble while the delivery is valid."""
+
+        def retryable(exc: BaseException) -> bool:
+            if isinstance(exc, BrokerError) or is_transient(exc):
+                logger.warning("dead letter {} not handled yet: {}", delivery.message_id, exc)
+                return True
+            return False
+
+        async for attempt in AsyncRetrying(
+            wait=wait_exponential_jitter(multiplier=0.1, max=5.0, jitter=0.2),
+            retry=retry_if_exception(retryable),
+            reraise=True,
+        ):
+            with attempt:
+                if _void(delivery):
+                    raise VoidDelivery
+                return await step()
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _as_recorded(result: TaskResult, record: TaskRecord) -> TaskResult:
+    """The result as published: with the kind and pool the tracker knows for the task."""
+    return result.model_copy(
+        update={"kind": record.kind or result.kind, "pool": record.pool or result.pool}
+    )
+
+
+def _void(delivery: AbstractIncomingMessage) -> bool:
+    try:
+        return delivery.channel.is_closed
+    except ChannelInvalidStateError:
+        return True
+
+
+def _as_list(value: object) -> list[Any]:
+    return list(value) if isinstance(value, list | tuple) else []
+
+
+def _text(value: object) -> str | None:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return value if isinstance(value, str) else None
+
+
+def _int(value: object) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, int | str | bytes):
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        return None

@@ -1,0 +1,339 @@
+"""The watchdog over a real SQLite store with a fake management API and a fake clock
+(no broker): what it closes, what it records in one transaction, what it warns about."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from loguru import logger
+from sqlalchemy import inspect
+
+from leveret.contracts import (
+    AcceptedTask,
+    StartedTask,
+    TaskResult,
+    TasksAccepted,
+    TasksStarted,
+    TaskStatus,
+    WorkerHeartbeat,
+    WorkerInfo,
+)
+from leveret.errors import BrokerError
+from leveret.settings import sqlite_url
+from leveret.tracker.state import AttemptOutcome
+from leveret.tracker.store import TrackerStore
+from leveret.tracker.watchdog import CONSEQUENCE, Watchdog
+from leveret.tracker.workers import Death, WorkerState
+
+T0 = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
+TIMEOUT_S = 3.0
+
+
+def at(seconds: float) -> datetime:
+    return T0 + timedelta(seconds=seconds)
+
+
+class FakeApi:
+    """Answers like the management API; `closes` is what close_connections returns next."""
+
+    def __init__(self, closes: int | BrokerError = 1, sees_all: bool = True) -> None:
+        self.closes = closes
+        self.sees_all = sees_all
+        self.up = True
+        self.calls: list[tuple[str, str | None, str]] = []
+
+    async def available(self) -> bool:
+        return self.up
+
+    async def sees_all_connections(self) -> bool:
+        return self.sees_all
+
+    async def close_connections(self, connection_name: str, vhost: str | None, reason: str) -> int:
+        self.calls.append((connection_name, vhost, reason))
+        if isinstance(self.closes, BrokerError):
+            raise self.closes
+        return self.closes
+
+
+class Clock:
+    def __init__(self, seconds: float) -> None:
+        self.now = at(seconds)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def to(self, seconds: float) -> None:
+        self.now = at(seconds)
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[TrackerStore]:
+    opened = await TrackerStore.open(sqlite_url(tmp_path / "t.db"), heartbeat_timeout_s=TIMEOUT_S)
+    yield opened
+    await opened.close()
+
+
+@pytest.fixture
+def logs() -> Iterator[list[tuple[str, str]]]:
+    lines: list[tuple[str, str]] = []
+    sink = logger.add(lambda m: lines.append((m.record["level"].name, m.record["message"])))
+    yield lines
+    logger.remove(sink)
+
+
+def heartbeat(worker: str, seconds: float) -> WorkerHeartbeat:
+    info = WorkerInfo(
+        id=worker, host="h", pid=1, pool="default", concurrency=2, kinds=["echo"], version="1"
+    )
+    return WorkerHeartbeat(worker=info, at=at(seconds))
+
+
+def started(worker: str, task_id: str, attempt: int = 1) -> TasksStarted:
+    return TasksStarted(
+        worker=worker, tasks=[StartedTask(id=task_id, attempt=attempt, started_at=at(0.5))]
+    )
+
+
+def completed(task_id: str, worker: str, attempt: int = 1) -> TaskResult:
+    return TaskResult(
+        id=task_id, kind="echo", status="completed", result=attempt, attempt=attempt, worker=worker
+    )
+
+
+async def busy_worker(store: TrackerStore, worker: str = "w1") -> None:
+    """`worker` heard at 0 s, running t1 and t2; t3 ran on it and completed; w2 runs t4."""
+    ids = ["t1", "t2", "t3", "t4"]
+    accepted = [AcceptedTask(id=i, kind="echo", pool="default", submitted_at=at(0)) for i in ids]
+    await store.apply(
+        [
+            TasksAccepted(tasks=accepted),
+            heartbeat(worker, 0),
+            heartbeat("w2", 0),
+            started(worker, "t1"),
+            started(worker, "t2"),
+            started(worker, "t3"),
+            completed("t3", worker),
+            started("w2", "t4"),
+        ]
+    )
+
+
+def watchdog(store: TrackerStore, api: FakeApi, clock: Clock, **kw: object) -> Watchdog:
+    return Watchdog(store, api, timeout_s=TIMEOUT_S, vhost="v1", clock=clock, **kw)  # type: ignore[arg-type]
+
+
+async def states(store: TrackerStore, now: datetime) -> dict[str, WorkerState]:
+    return {w.id: w.state for w in await store.list_workers(now)}
+
+
+async def test_fences_a_silent_worker_and_releases_its_tasks_in_one_go(
+    store: TrackerStore, logs: list[tuple[str, str]]
+) -> None:
+    await busy_worker(store)
+    await store.apply([heartbeat("w2", 9)])  # w2 keeps beating
+    clock = Clock(-1)
+    api = FakeApi(closes=1)
+    dog = watchdog(store, api, clock)
+    clock.to(3)
+    await dog.tick()
+    assert api.calls == []  # exactly one timeout of silence is not yet too long
+    clock.to(10)
+    await dog.tick()
+    assert api.calls == [("w1", "v1", "leveret-fenced: no heartbeat for 10 s")]
+    views = {w.id: w for w in await store.list_workers(at(10))}
+    assert views["w1"].state is WorkerState.DEAD and views["w2"].state is WorkerState.ALIVE
+    record = views["w1"].record
+    assert record is not None and (record.death, record.dead_at) == (Death.FENCED, at(10))
+    for task_id in ("t1", "t2"):
+        task = await store.get_task(task_id)
+        assert task is not None and (task.status, task.worker) == (TaskStatus.PENDING, None)
+        assert [(a.attempt, a.outcome) for a in task.attempts] == [(1, AttemptOutcome.LOST)]
+    t3, t4 = await store.get_task("t3"), await store.get_task("t4")
+    assert t3 is not None and t3.attempts[0].outcome is AttemptOutcome.COMPLETED
+    assert t4 is not None and t4.status is TaskStatus.RUNNING
+    assert (
+        "INFO",
+        "worker w1 declared dead after 10.0 s without heartbeat; closed 1 connections; "
+        "released 2 tasks",
+    ) in logs
+    await dog.tick()
+    assert len(api.calls) == 1  # a fenced worker is done with
+
+
+async def test_fencing_then_late_messages_of_the_old_attempt_are_ignored(
+    store: TrackerStore, logs: list[tuple[str, str]]
+) -> None:
+    await busy_worker(store)
+    clock = Clock(-1)
+    dog = watchdog(store, FakeApi(closes=1), clock)
+    clock.to(10)
+    await dog.tick()
+    await store.apply([heartbeat("w1", 11), completed("t1", "w1")])
+    assert (await states(store, at(11)))["w1"] is WorkerState.DEAD  # never revived
+    t1 = await store.get_task("t1")
+    assert t1 is not None and t1.status is TaskStatus.PENDING
+    assert (
+        "INFO",
+        "late result of fenced attempt 1 of task t1 from worker w1 ignored",
+    ) in logs
+    await store.apply([started("w1~1", "t1", attempt=2), completed("t1", "w1~1", attempt=2)])
+    t1 = await store.get_task("t1")
+    assert t1 is not None and (t1.status, t1.result, t1.worker) == (TaskStatus.COMPLETED, 2, "w1~1")
+
+
+async def test_a_restarted_tracker_gives_each_worker_one_timeout(store: TrackerStore) -> None:
+    await busy_worker(store)
+    clock = Clock(100)  # the tracker (re)started long after w1 was last heard of
+    api = FakeApi()
+    dog = watchdog(store, api, clock)
+    clock.to(102.9)
+    await dog.tick()
+    assert api.calls == []
+    await store.apply([heartbeat("w2", 102.9)])
+    clock.to(103.1)
+    await dog.tick()
+    assert [c[0] for c in api.calls] == ["w1"]
+
+
+async def test_silence_counts_only_up_to_when_the_tracker_caught_up(store: TrackerStore) -> None:
+    await busy_worker(store)
+    clock = Clock(-1)
+    caught_up = Clock(2)  # the consumer has a backlog since 2 s
+    api = FakeApi()
+    dog = watchdog(store, api, clock, caught_up=caught_up)
+    clock.to(30)
+    await dog.tick()
+    assert api.calls == []
+    caught_up.to(30)
+    await dog.tick()
+    assert {c[0] for c in api.calls} == {"w1", "w2"}
+
+
+async def test_an_unlisted_connection_counts_as_gone_once_confirmed(store: TrackerStore) -> None:
+    await busy_worker(store)
+    clock = Clock(-1)
+    api = FakeApi(closes=0)
+    dog = watchdog(store, api, clock, gone_confirm_s=6)
+    await store.apply([heartbeat("w2", 100)])
+    clock.to(5)
+    await dog.tick()
+    assert (await states(store, at(5)))["w1"] is WorkerState.SUSPECT  # maybe not listed yet
+    clock.to(10.9)
+    await dog.tick()
+    t1 = await store.get_task("t1")
+    assert t1 is not None and t1.status is TaskStatus.RUNNING
+    clock.to(11)
+    await dog.tick()
+    views = {w.id: w for w in await store.list_workers(at(11))}
+    assert views["w1"].record is not None and views["w1"].record.death is Death.GONE
+    t1 = await store.get_task("t1")
+    assert t1 is not None and t1.status is TaskStatus.PENDING
+    # It was only cut off: back on a new connection under the same id, it lives again.
+    await store.apply([heartbeat("w1", 17)])
+    assert (await states(store, at(17)))["w1"] is WorkerState.ALIVE
+
+
+async def test_without_the_management_api_the_worker_keeps_its_tasks(
+    store: TrackerStore, logs: list[tuple[str, str]]
+) -> None:
+    await busy_worker(store)
+    await store.apply([heartbeat("w2", 100)])
+    clock = Clock(-1)
+    api = FakeApi(closes=BrokerError("management API GET /api/connections failed: refused"))
+    api.up = False
+    dog = watchdog(store, api, clock)
+    assert await dog.check_api() is False
+    assert ("WARNING", f"RabbitMQ management API unavailable: {CONSEQUENCE}") in logs
+    for second in (10, 10.5, 11, 11.5):
+        clock.to(second)
+        await dog.tick()
+    assert len(api.calls) < 4  # it backs off
+    assert (await states(store, at(12)))["w1"] is WorkerState.DEAD
+    warnings = [m for level, m in logs if level == "WARNING" and m.startswith("worker w1")]
+    assert len(warnings) == 1 and "could not be closed" in warnings[0]
+    assert "consumer_timeout" in warnings[0]
+    t1 = await store.get_task("t1")
+    assert t1 is not None and t1.status is TaskStatus.RUNNING and t1.attempts[0].outcome is None
+    # Its late result still counts, and a heartbeat brings it back.
+    await store.apply([completed("t1", "w1"), heartbeat("w1", 12)])
+    t1 = await store.get_task("t1")
+    assert t1 is not None and t1.status is TaskStatus.COMPLETED
+    assert (await states(store, at(12)))["w1"] is WorkerState.ALIVE
+
+
+async def test_the_watchdog_keeps_trying_and_fences_once_the_api_is_back(
+    store: TrackerStore,
+) -> None:
+    await busy_worker(store)
+    await store.apply([heartbeat("w2", 1000)])
+    clock = Clock(-1)
+    api = FakeApi(closes=BrokerError("refused"))
+    dog = watchdog(store, api, clock)
+    clock.to(10)
+    await dog.tick()
+    api.closes = 1
+    clock.to(100)
+    await dog.tick()
+    views = {w.id: w for w in await store.list_workers(at(100))}
+    assert views["w1"].record is not None and views["w1"].record.death is Death.FENCED
+    assert views["w1"].record.dead_at == at(10)  # dead since the first verdict
+    t2 = await store.get_task("t2")
+    assert t2 is not None and t2.status is TaskStatus.PENDING
+
+
+async def test_a_user_who_cannot_see_every_connection_never_assumes_it_gone(
+    store: TrackerStore, logs: list[tuple[str, str]]
+) -> None:
+    await busy_worker(store)
+    await store.apply([heartbeat("w2", 1000)])
+    clock = Clock(-1)
+    dog = watchdog(store, FakeApi(closes=0, sees_all=False), clock, gone_confirm_s=0)
+    assert await dog.check_api() is False
+    assert any("cannot see other users' connections" in m for _, m in logs)
+    clock.to(60)
+    await dog.tick()
+    views = {w.id: w for w in await store.list_workers(at(60))}
+    assert views["w1"].record is not None and views["w1"].record.death is Death.UNFENCED
+    t1 = await store.get_task("t1")
+    assert t1 is not None and t1.status is TaskStatus.RUNNING
+
+
+async def test_old_databases_gain_the_new_columns(tmp_path: Path) -> None:
+    url = sqlite_url(tmp_path / "old.db")
+    store = await TrackerStore.open(url)
+    async with store.engine.begin() as conn:
+        await conn.exec_driver_sql("DROP INDEX ix_attempts_worker_outcome")
+        for table, column in (("tasks", "retry_at"), ("workers", "dead_at"), ("workers", "death")):
+            await conn.exec_driver_sql(f"ALTER TABLE {table} DROP COLUMN {column}")
+    await store.close()
+    store = await TrackerStore.open(url)
+    async with store.engine.connect() as conn:
+        columns = await conn.run_sync(
+            lambda c: {
+                t: {col["name"] for col in inspect(c).get_columns(t)} for t in ("tasks", "workers")
+            }
+        )
+        indexes = await conn.run_sync(
+            lambda c: {i["name"] for i in inspect(c).get_indexes("attempts")}
+        )
+    await store.close()
+    assert "retry_at" in columns["tasks"] and {"dead_at", "death"} <= columns["workers"]
+    assert "ix_attempts_worker_outcome" in indexes
+
+
+async def test_a_reconnected_tracker_gives_each_worker_one_timeout(store: TrackerStore) -> None:
+    await busy_worker(store)
+    await store.apply([heartbeat("w2", 1000)])
+    clock = Clock(-1)
+    reconnected = Clock(50)  # the consumer was cut off from the broker until 50 s
+    api = FakeApi()
+    dog = watchdog(store, api, clock, listening_since=reconnected)
+    clock.to(52)
+    await dog.tick()
+    assert api.calls == []
+    clock.to(53.5)
+    await dog.tick()
+    assert [c[0] for c in api.calls] == ["w1"]
