@@ -129,6 +129,25 @@ def json_message(
     )
 
 
+def annotated_copy(
+    message: AbstractIncomingMessage, extra_headers: Mapping[str, Any]
+) -> aio_pika.Message:
+    """The original bytes and properties of a delivery, plus headers saying why it was
+    set aside (for the `rejected` queue: a person must be able to see what and why)."""
+    headers: dict[str, Any] = dict(message.headers or {})
+    headers.update(extra_headers)
+    copy = json_message(
+        message.body,
+        correlation_id=message.correlation_id,
+        message_id=message.message_id,
+        reply_to=message.reply_to,
+        headers=headers,
+    )
+    copy.content_type = message.content_type
+    copy.content_encoding = message.content_encoding
+    return copy
+
+
 @dataclass
 class Outgoing:
     """One message to publish: exchange, routing key, message and whether it must route."""

@@ -20,7 +20,14 @@ from aio_pika.abc import AbstractIncomingMessage
 from loguru import logger
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
 
-from leveret.amqp import BROKER_EXCEPTIONS, Outgoing, json_message, publish_all, send_reply
+from leveret.amqp import (
+    BROKER_EXCEPTIONS,
+    Outgoing,
+    annotated_copy,
+    json_message,
+    publish_all,
+    send_reply,
+)
 from leveret.contracts import (
     ID_PATTERN,
     KIND_PATTERN,
@@ -128,24 +135,15 @@ class Intake:
         )
         topo = self.declared.topology
         corr = message.correlation_id or task_id
-        headers: dict[str, Any] = dict(message.headers or {})
-        headers.update(
+        dead_copy = annotated_copy(
+            message,
             {
                 "x-leveret-error-type": err.code,
                 "x-leveret-reason": err.message[:1000],
                 "x-leveret-task-id": task_id,
                 "x-leveret-routing-key": message.routing_key or "",
-            }
+            },
         )
-        dead_copy = json_message(
-            message.body,
-            correlation_id=message.correlation_id,
-            message_id=message.message_id,
-            reply_to=message.reply_to,
-            headers=headers,
-        )
-        dead_copy.content_type = message.content_type
-        dead_copy.content_encoding = message.content_encoding
         await publish_all(
             [
                 Outgoing(

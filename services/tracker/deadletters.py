@@ -34,7 +34,14 @@ from loguru import logger
 from pydantic import ValidationError
 from tenacity import AsyncRetrying, retry_if_exception, wait_exponential_jitter
 
-from leveret.amqp import Outgoing, json_message, open_channel, publish_all, send_reply
+from leveret.amqp import (
+    Outgoing,
+    annotated_copy,
+    json_message,
+    open_channel,
+    publish_all,
+    send_reply,
+)
 from leveret.contracts import TaskError, TaskMessage, TaskResult, TaskStatus
 from leveret.errors import BrokerError
 from leveret.topology import RK_REJECTED, WORK_DELIVERY_LIMIT, Topology, result_routing_key
@@ -254,18 +261,9 @@ class DeadLetters:
     async def _park(self, delivery: AbstractIncomingMessage, why: str, error_type: str) -> None:
         """Re-publish the original bytes to the `rejected` queue with the reason."""
         assert self._dead is not None
-        headers: dict[str, Any] = dict(delivery.headers or {})
-        headers["x-leveret-reason"] = why[:1000]
-        headers["x-leveret-error-type"] = error_type
-        copy = json_message(
-            delivery.body,
-            correlation_id=delivery.correlation_id,
-            message_id=delivery.message_id,
-            reply_to=delivery.reply_to,
-            headers=headers,
+        copy = annotated_copy(
+            delivery, {"x-leveret-reason": why[:1000], "x-leveret-error-type": error_type}
         )
-        copy.content_type = delivery.content_type
-        copy.content_encoding = delivery.content_encoding
         await publish_all([Outgoing(self._dead, RK_REJECTED, copy)])
         logger.warning(
             "dead letter {} moved to {}: {}", delivery.message_id, self.topology.rejected.name, why

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+from helpers import TrackerApi
 
 from leveret.cli.procs import Cluster
 from leveret.client import Client
@@ -56,3 +57,24 @@ async def test_handler_context_and_errors(handlers_cluster: Cluster) -> None:
         assert crashed.error is not None and crashed.error.type == "handler_crashed"
         after = await client.run("echo", "alive", timeout_s=20)
         assert after.result == "alive"
+
+
+async def test_cpu_bound_handler_does_not_starve_heartbeats(cluster: Cluster) -> None:
+    """A handler burning CPU for longer than the heartbeat timeout: the worker stays alive."""
+    cluster.extra_env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (TESTS_DIR, os.environ.get("PYTHONPATH")) if p
+    )
+    cluster.extra_env["LEVERET_HEARTBEAT_TIMEOUT_S"] = "1.5"
+    cluster.start_tracker()
+    cluster.start_scheduler()
+    cluster.start_worker("busy", "--concurrency", "2", "--handlers", "sample_handlers")
+    api = TrackerApi(cluster.tracker_url)
+    async with Client(cluster.amqp_url, namespace=cluster.namespace) as client:
+        ids = [await client.submit("burn", 4, wait=True) for _ in range(2)]
+        for task_id in ids:
+            result = await client.result(task_id, timeout_s=30)
+            assert result.status == TaskStatus.COMPLETED
+            assert result.attempt == 1
+    states = {w["id"]: w["state"] for w in await api.workers()}
+    await api.close()
+    assert states == {"busy": "alive"}
