@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, TypeAdapter, model_validator
 
 PROTOCOL_VERSION = 1
 
@@ -51,6 +51,8 @@ class TaskStatus(StrEnum):
     """Where a task is in its life; the tracker only ever moves it forward."""
 
     PENDING = "pending"  # accepted by the scheduler, waiting in a work queue
+    BLOCKED = "blocked"  # held by the scheduler until every task in `depends_on` completed
+    DELAYED = "delayed"  # held by the scheduler until `run_at`
     RUNNING = "running"  # a worker holds it (see `worker`, `attempt`)
     RETRYING = "retrying"  # an attempt failed; the broker holds it until the next one
     COMPLETED = "completed"  # terminal: the handler returned; `result` holds its value
@@ -88,7 +90,11 @@ class SubmitTask(BaseModel):
     id: TaskId | None = None
     pool: Pool | None = None
     priority: int | None = Field(default=None, ge=0, le=9, description="Reserved in v1.")
-    depends_on: list[TaskId] | None = Field(default=None, description="Reserved in v1.")
+    depends_on: list[TaskId] | None = Field(
+        default=None,
+        max_length=1000,
+        description="Ids of tasks that must complete first (earlier, or in the same batch).",
+    )
     timeout_s: float | None = Field(
         default=None, gt=0, le=7 * 24 * 3600, description="Seconds one attempt may run."
     )
@@ -96,6 +102,18 @@ class SubmitTask(BaseModel):
         default=None, ge=0, le=100, description="Attempts after the first that a failure may use."
     )
     requires: list[Tag] | None = Field(default=None, description="Reserved in v1.")
+    delay_s: float | None = Field(
+        default=None, ge=0, le=366 * 24 * 3600, description="Run no earlier than this from now."
+    )
+    run_at: datetime | None = Field(
+        default=None, description="Run no earlier than this time (ISO 8601; UTC if no offset)."
+    )
+
+    @model_validator(mode="after")
+    def _one_way_to_delay(self) -> SubmitTask:
+        if self.delay_s is not None and self.run_at is not None:
+            raise ValueError("give delay_s or run_at, not both")
+        return self
 
 
 class SubmitBatch(BaseModel):
@@ -159,13 +177,21 @@ class TaskResult(_Model):
 
 
 class AcceptedTask(_Model):
-    """One task in a :class:`TasksAccepted` event."""
+    """One task in a :class:`TasksAccepted` event.
+
+    `status` is `pending` (on its work queue), `delayed` (held until `run_at`) or
+    `blocked` (held until its `depends_on` complete); a held task is announced
+    again with `pending` when the scheduler releases it.
+    """
 
     id: TaskId
     kind: Kind
     pool: Pool
     submitted_at: datetime
     correlation_id: str | None = None
+    status: Literal["pending", "delayed", "blocked"] = "pending"
+    run_at: datetime | None = None
+    depends_on: list[TaskId] = []
 
 
 class TasksAccepted(_Model):
@@ -205,6 +231,19 @@ class TaskRetrying(_Model):
     started_at: datetime
     retry_in_s: float
     retry_at: datetime
+    at: datetime = Field(default_factory=utcnow)
+
+
+class TaskProgress(_Model):
+    """Event: a running attempt reported progress (`fraction` 0..1 and/or a message)."""
+
+    type: Literal["task.progress"] = "task.progress"
+    v: Literal[1] = 1
+    id: TaskId
+    attempt: int
+    worker: str
+    fraction: float | None = Field(default=None, ge=0, le=1)
+    message: str | None = Field(default=None, max_length=1000)
     at: datetime = Field(default_factory=utcnow)
 
 
@@ -263,6 +302,7 @@ Event = Annotated[
     TasksAccepted
     | TasksStarted
     | TaskRetrying
+    | TaskProgress
     | WorkerStarted
     | WorkerHeartbeat
     | WorkerStopped
@@ -289,6 +329,7 @@ PUBLISHED_MODELS: dict[str, type[BaseModel]] = {
     "tasks-accepted": TasksAccepted,
     "tasks-started": TasksStarted,
     "task-retrying": TaskRetrying,
+    "task-progress": TaskProgress,
     "worker-started": WorkerStarted,
     "worker-heartbeat": WorkerHeartbeat,
     "worker-stopped": WorkerStopped,
