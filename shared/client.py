@@ -14,9 +14,10 @@ confirmed it on the submit exchange's durable intake queue.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import TracebackType
 
 from aio_pika.abc import (
@@ -28,12 +29,15 @@ from aio_pika.abc import (
 from pydantic import JsonValue, ValidationError
 
 from leveret.amqp import Outgoing, connect, json_message, open_channel, publish_all
-from leveret.contracts import SubmitTask, TaskResult, new_task_id
+from leveret.contracts import REPLY_PROGRESS, SubmitTask, TaskProgress, TaskResult, new_task_id
 from leveret.errors import LeveretError
 from leveret.settings import DEFAULT_AMQP_URL
 from leveret.topology import DEFAULT_NAMESPACE, Topology
 
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
+
+#: Called with each progress report of a task submitted with ``wait=True``.
+ProgressCallback = Callable[[TaskProgress], None]
 
 
 class Client:
@@ -48,6 +52,7 @@ class Client:
         self._channel: AbstractChannel | None = None
         self._exchange: AbstractExchange | None = None
         self._waiting: dict[str, asyncio.Future[TaskResult]] = {}
+        self._progress: dict[str, ProgressCallback] = {}
 
     async def __aenter__(self) -> Client:
         await self.connect()
@@ -78,13 +83,21 @@ class Client:
             await self._connection.close()
 
     async def _on_reply(self, message: AbstractIncomingMessage) -> None:
-        future = self._waiting.get(message.correlation_id or "")
+        key = message.correlation_id or ""
+        if message.type == REPLY_PROGRESS:
+            callback = self._progress.get(key)
+            if callback is not None:
+                with contextlib.suppress(ValidationError):
+                    callback(TaskProgress.model_validate_json(message.body))
+            return
+        future = self._waiting.get(key)
         if future is None or future.done():
             return
         try:
             future.set_result(TaskResult.model_validate_json(message.body))
         except ValidationError as exc:
             future.set_exception(LeveretError(f"malformed reply: {exc}"))
+        self._progress.pop(key, None)
 
     def _outgoing(self, task: SubmitTask, wait: bool) -> tuple[str, Outgoing]:
         assert self._exchange is not None, "call connect() first"
@@ -98,13 +111,25 @@ class Client:
         )
         return task_id, Outgoing(self._exchange, task.pool or "default", message)
 
-    async def submit_many(self, tasks: Sequence[SubmitTask], *, wait: bool = False) -> list[str]:
-        """Submit tasks; return their ids once the broker confirmed every one."""
+    async def submit_many(
+        self,
+        tasks: Sequence[SubmitTask],
+        *,
+        wait: bool = False,
+        on_progress: ProgressCallback | None = None,
+    ) -> list[str]:
+        """Submit tasks; return their ids once the broker confirmed every one.
+
+        With `wait`, :meth:`result` can await each outcome, and `on_progress` (if
+        given) is called with every progress report the tasks send.
+        """
         pairs = [self._outgoing(t, wait) for t in tasks]
         if wait:
             loop = asyncio.get_running_loop()
             for task_id, _ in pairs:
                 self._waiting.setdefault(task_id, loop.create_future())
+                if on_progress is not None:
+                    self._progress[task_id] = on_progress
         await publish_all([o for _, o in pairs])
         return [task_id for task_id, _ in pairs]
 
@@ -117,10 +142,11 @@ class Client:
         pool: str | None = None,
         timeout_s: float | None = None,
         wait: bool = False,
+        on_progress: ProgressCallback | None = None,
     ) -> str:
         """Submit one task; with `wait`, :meth:`result` can then await its outcome."""
         task = SubmitTask(kind=kind, payload=payload, id=id, pool=pool, timeout_s=timeout_s)
-        [task_id] = await self.submit_many([task], wait=wait)
+        [task_id] = await self.submit_many([task], wait=wait, on_progress=on_progress)
         return task_id
 
     async def result(self, task_id: str, timeout_s: float | None = None) -> TaskResult:
@@ -135,8 +161,13 @@ class Client:
                 self._waiting.pop(task_id, None)
 
     async def run(
-        self, kind: str, payload: JsonValue = None, *, timeout_s: float | None = None
+        self,
+        kind: str,
+        payload: JsonValue = None,
+        *,
+        timeout_s: float | None = None,
+        on_progress: ProgressCallback | None = None,
     ) -> TaskResult:
         """Submit a task and wait for its result."""
-        task_id = await self.submit(kind, payload, wait=True)
+        task_id = await self.submit(kind, payload, wait=True, on_progress=on_progress)
         return await self.result(task_id, timeout_s)

@@ -22,6 +22,11 @@ from pydantic import BaseModel, ConfigDict, Field, JsonValue, TypeAdapter, model
 
 PROTOCOL_VERSION = 1
 
+#: The AMQP `type` property of messages sent to a producer's `reply_to`: the task's
+#: result (or a rejection / duplicate notice), or a progress report while it runs.
+REPLY_RESULT = "task.result"
+REPLY_PROGRESS = "task.progress"
+
 #: In the reason of a connection the tracker closed because its worker stopped
 #: heartbeating; a worker that sees it re-registers under a new id.
 FENCED_MARKER = "leveret-fenced"

@@ -41,6 +41,9 @@ HandlerFunc = Callable[["TaskContext", Any], Awaitable[Any] | Any]
 
 _MARK = "__leveret_task__"
 
+#: How a context hands progress to the worker: ``(fraction, message)``.
+ProgressReporter = Callable[[float | None, str | None], None]
+
 #: Kinds every worker has. `shell` is left out: a worker offers it only when enabled.
 BUILTIN_KINDS = ("echo", "sleep", "fail", "http")
 
@@ -56,11 +59,35 @@ class TaskContext:
     worker_id: str
     submitted_at: datetime
     timeout_s: float | None = None
+    reporter: ProgressReporter | None = field(default=None, compare=False, repr=False)
 
     @property
     def idempotency_key(self) -> str:
         """Stable across attempts of the same task: use it to dedupe side effects."""
         return self.task_id
+
+    def progress(self, fraction: float | None = None, message: str | None = None) -> None:
+        """Report how far the attempt got (`fraction` in 0..1) and/or what it is doing.
+
+        Cheap to call often: the worker forwards at most a few updates per second
+        (always the latest) to `leveret.events` and the producer's `reply_to`.
+        Works the same in async handlers and in sync ones running in a child process.
+        """
+        if fraction is not None and not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"progress fraction must be within 0..1, got {fraction}")
+        if self.reporter is not None:
+            self.reporter(fraction, message[:1000] if message else message)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The reporter talks to this process's broker connection: a child process
+        # gets its own (see leveret.worker.isolation), so it is not pickled.
+        state = {f: getattr(self, f) for f in self.__dataclass_fields__}
+        state["reporter"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            object.__setattr__(self, key, value)
 
 
 @dataclass(frozen=True)

@@ -54,3 +54,23 @@ async def flaky(ctx: TaskContext, payload: int) -> int:
     if ctx.attempt <= int(payload):
         raise TaskFailed(f"attempt {ctx.attempt} fails on purpose", type="flaky")
     return ctx.attempt
+
+
+@task("steps")
+async def steps(ctx: TaskContext, payload: int) -> str:
+    """Reports progress `payload` times, 0.3 s apart (async)."""
+    import asyncio
+
+    for i in range(1, int(payload) + 1):
+        ctx.progress(i / int(payload), f"step {i} of {payload}")
+        await asyncio.sleep(0.3)
+    return "done"
+
+
+@task("steps_sync")
+def steps_sync(ctx: TaskContext, payload: int) -> str:
+    """Reports progress `payload` times, 0.3 s apart (sync, in a child process)."""
+    for i in range(1, int(payload) + 1):
+        ctx.progress(i / int(payload), f"step {i} of {payload}")
+        time.sleep(0.3)
+    return "done"

@@ -32,6 +32,7 @@ from leveret.contracts import (
     ID_PATTERN,
     KIND_PATTERN,
     POOL_PATTERN,
+    REPLY_RESULT,
     TaskError,
     TaskResult,
     new_task_id,
@@ -117,7 +118,10 @@ class Intake:
                 channel,
                 reply_to,
                 json_message(
-                    notice, persistent=False, correlation_id=message.correlation_id or work.id
+                    notice,
+                    persistent=False,
+                    correlation_id=message.correlation_id or work.id,
+                    type_=REPLY_RESULT,
                 ),
             )
             logger.info("task {} submitted again: duplicate of the existing one", work.id)
@@ -158,7 +162,7 @@ class Intake:
             await send_reply(
                 self.declared.channel,
                 message.reply_to,
-                json_message(result, persistent=False, correlation_id=corr),
+                json_message(result, persistent=False, correlation_id=corr, type_=REPLY_RESULT),
             )
         self.refused += 1
         logger.bind(task_id=task_id).info("submission rejected: {}: {}", err.code, err.message)

@@ -42,7 +42,7 @@ from leveret.amqp import (
     publish_all,
     send_reply,
 )
-from leveret.contracts import TaskError, TaskMessage, TaskResult, TaskStatus
+from leveret.contracts import REPLY_RESULT, TaskError, TaskMessage, TaskResult, TaskStatus
 from leveret.errors import BrokerError
 from leveret.topology import RK_REJECTED, WORK_DELIVERY_LIMIT, Topology, result_routing_key
 from leveret.tracker.consumer import SETTLE_ERRORS, is_transient
@@ -217,7 +217,9 @@ class DeadLetters:
         await self._publish_result(published, corr)
         if task.reply_to:
             assert self._channel is not None
-            reply = json_message(published, persistent=False, correlation_id=corr)
+            reply = json_message(
+                published, persistent=False, correlation_id=corr, type_=REPLY_RESULT
+            )
             await send_reply(self._channel, task.reply_to, reply)
 
     async def _undecodable(self, delivery: AbstractIncomingMessage, exc: ValidationError) -> None:

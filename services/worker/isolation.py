@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import inspect
 import multiprocessing
 import pickle
@@ -25,7 +26,7 @@ from typing import Any
 from loguru import logger
 
 from leveret.errors import TaskFailed
-from leveret.handlers import HandlerFunc, TaskContext
+from leveret.handlers import HandlerFunc, ProgressReporter, TaskContext
 
 _CTX = multiprocessing.get_context("spawn")
 
@@ -42,6 +43,7 @@ def _child_main(conn: Connection) -> None:
             func, ctx, payload = conn.recv()
         except (EOFError, OSError):
             return
+        ctx = dataclasses.replace(ctx, reporter=_progress_sender(conn))
         try:
             value = func(ctx, payload)
             if inspect.isawaitable(value):
@@ -51,6 +53,13 @@ def _child_main(conn: Connection) -> None:
             conn.send(("failed", exc.type, str(exc)))
         except BaseException as exc:  # report everything; the parent fails the task
             conn.send(("error", type(exc).__name__, str(exc) or repr(exc)))
+
+
+def _progress_sender(conn: Connection) -> ProgressReporter:
+    def send(fraction: float | None, message: str | None) -> None:
+        conn.send(("progress", fraction, message))
+
+    return send
 
 
 async def _await(value: Any) -> Any:
@@ -97,7 +106,7 @@ class ProcessPool:
             child = self._idle.pop() if self._idle else await asyncio.to_thread(_Child)
             healthy = False
             try:
-                reply = await self._roundtrip(child, (func, ctx, payload))
+                reply = await self._roundtrip(child, (func, ctx, payload), ctx.reporter)
                 healthy = True
             finally:
                 if healthy:
@@ -107,7 +116,19 @@ class ProcessPool:
                     child.kill()
         return _unpack(reply)
 
-    async def _roundtrip(self, child: _Child, message: Any) -> Any:
+    async def _roundtrip(
+        self, child: _Child, message: Any, reporter: ProgressReporter | None
+    ) -> Any:
+        """Send a call; relay progress reports until the final answer arrives."""
+        child.conn.send(message)
+        while True:
+            reply = await self._receive(child)
+            if reply[0] != "progress":
+                return reply
+            if reporter is not None:
+                reporter(reply[1], reply[2])
+
+    async def _receive(self, child: _Child) -> Any:
         loop = asyncio.get_running_loop()
         readable: asyncio.Future[None] = loop.create_future()
         fd = child.conn.fileno()
@@ -116,12 +137,12 @@ class ProcessPool:
             if not readable.done():
                 readable.set_result(None)
 
-        child.conn.send(message)
-        loop.add_reader(fd, on_readable)
-        try:
-            await readable
-        finally:
-            loop.remove_reader(fd)
+        if not child.conn.poll():
+            loop.add_reader(fd, on_readable)
+            try:
+                await readable
+            finally:
+                loop.remove_reader(fd)
         try:
             return child.conn.recv()
         except (EOFError, OSError) as exc:

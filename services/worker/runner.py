@@ -42,8 +42,11 @@ from leveret.amqp import (
 )
 from leveret.contracts import (
     FENCED_MARKER,
+    REPLY_PROGRESS,
+    REPLY_RESULT,
     StartedTask,
     TaskMessage,
+    TaskProgress,
     TaskResult,
     TaskRetrying,
     TasksStarted,
@@ -55,10 +58,11 @@ from leveret.contracts import (
     utcnow,
 )
 from leveret.errors import BrokerError, PublishError
-from leveret.handlers import Registry, TaskContext
+from leveret.handlers import ProgressReporter, Registry, TaskContext
 from leveret.settings import WorkerSettings
 from leveret.topology import (
     RK_SCHEDULER_STARTED,
+    RK_TASK_PROGRESS,
     RK_TASK_RETRYING,
     RK_TASKS_STARTED,
     RK_WORKER_HEARTBEAT,
@@ -104,6 +108,7 @@ class Worker:
         self._executor = Executor(registry, settings.concurrency)
         self._in_flight: dict[str, asyncio.Task[Any]] = {}
         self._unreported: dict[str, StartedTask] = {}
+        self._progress: dict[str, tuple[TaskMessage, TaskProgress]] = {}
         self._declared: DeclaredTopology | None = None
         self._events: AbstractChannel | None = None
         self._rng = random.Random()
@@ -173,7 +178,7 @@ class Worker:
             await self._announce()
             async with asyncio.TaskGroup() as group:
                 beats = group.create_task(self._heartbeats(), name="heartbeats")
-                flusher = group.create_task(self._report_started(), name="started")
+                flusher = group.create_task(self._report(), name="reports")
                 tag = await work_queue.consume(self.on_message)
                 logger.info(
                     "worker {} ready: pool {}, concurrency {}, kinds {}",
@@ -253,19 +258,46 @@ class Worker:
             await self._publish_event(RK_WORKER_HEARTBEAT, beat)
             await asyncio.sleep(self.settings.heartbeat_interval_s)
 
-    async def _report_started(self) -> None:
-        """Publish `running` for tasks still in flight, in one event per interval.
+    async def _report(self) -> None:
+        """Every interval: `running` for tasks still in flight (one event for all), and
+        the latest progress of each task that reported some.
 
         Tasks that finish before the next flush are never reported as started on
         their own: their result carries `started_at`, which saves a message per task.
+        Progress is coalesced the same way: only the latest report per task goes out.
         """
         interval = self.settings.started_flush_ms / 1000
         while True:
             await asyncio.sleep(interval)
-            if not self._unreported:
-                continue
-            batch, self._unreported = list(self._unreported.values()), {}
-            await self._publish_event(RK_TASKS_STARTED, TasksStarted(worker=self.id, tasks=batch))
+            if self._unreported:
+                batch, self._unreported = list(self._unreported.values()), {}
+                started = TasksStarted(worker=self.id, tasks=batch)
+                await self._publish_event(RK_TASKS_STARTED, started)
+            if self._progress:
+                reports, self._progress = list(self._progress.values()), {}
+                for task, event in reports:
+                    await self._relay_progress(task, event)
+
+    def _progress_reporter(self, task: TaskMessage, attempt: int) -> ProgressReporter:
+        def report(fraction: float | None, message: str | None) -> None:
+            if task.id in self._in_flight:  # late reports of a finished attempt are dropped
+                event = TaskProgress(
+                    id=task.id, attempt=attempt, worker=self.id, fraction=fraction, message=message
+                )
+                self._progress[task.id] = (task, event)
+
+        return report
+
+    async def _relay_progress(self, task: TaskMessage, event: TaskProgress) -> None:
+        await self._publish_event(RK_TASK_PROGRESS, event)
+        if task.reply_to and self._declared is not None:
+            reply = json_message(
+                event,
+                persistent=False,
+                correlation_id=task.correlation_id or task.id,
+                type_=REPLY_PROGRESS,
+            )
+            await send_reply(self._declared.channel, task.reply_to, reply)
 
     async def _publish_event(self, routing_key: str, event: BaseModel) -> None:
         """Fire-and-forget events (heartbeats, started): losing one is harmless."""
@@ -308,6 +340,7 @@ class Worker:
         finally:
             self._in_flight.pop(task.id, None)
             self._unreported.pop(task.id, None)
+            self._progress.pop(task.id, None)
 
     async def _attempt(self, task: TaskMessage, attempt: int) -> Outcome:
         handler = self.registry.get(task.kind)
@@ -319,6 +352,7 @@ class Worker:
             worker_id=self.id,
             submitted_at=task.submitted_at,
             timeout_s=task.timeout_s or (handler.timeout_s if handler else None),
+            reporter=self._progress_reporter(task, attempt),
         )
         logger.debug("task {} attempt {} started ({})", task.id, attempt, task.kind)
         return await self._executor.run(task, ctx)
@@ -428,7 +462,7 @@ class Worker:
             ]
         )
         if task.reply_to:
-            reply = json_message(result, persistent=False, correlation_id=corr)
+            reply = json_message(result, persistent=False, correlation_id=corr, type_=REPLY_RESULT)
             await send_reply(self._declared.channel, task.reply_to, reply)
 
 
