@@ -22,10 +22,15 @@ from pydantic import BaseModel, ConfigDict, Field, JsonValue, TypeAdapter, model
 
 PROTOCOL_VERSION = 1
 
+#: Priority of a task that names none (0 lowest … 9 highest; bands: 0-2, 3-6, 7-9).
+DEFAULT_PRIORITY = 4
+
 #: The AMQP `type` property of messages sent to a producer's `reply_to`: the task's
 #: result (or a rejection / duplicate notice), or a progress report while it runs.
 REPLY_RESULT = "task.result"
 REPLY_PROGRESS = "task.progress"
+#: The AMQP `type` of a cancellation request published to the submit exchange.
+CANCEL_TYPE = "task.cancel"
 
 #: In the reason of a connection the tracker closed because its worker stopped
 #: heartbeating; a worker that sees it re-registers under a new id.
@@ -94,7 +99,9 @@ class SubmitTask(BaseModel):
     payload: JsonValue = None
     id: TaskId | None = None
     pool: Pool | None = None
-    priority: int | None = Field(default=None, ge=0, le=9, description="Reserved in v1.")
+    priority: int | None = Field(
+        default=None, ge=0, le=9, description="0 (lowest) … 9 (highest); 4 when absent."
+    )
     depends_on: list[TaskId] | None = Field(
         default=None,
         max_length=1000,
@@ -130,10 +137,11 @@ class SubmitBatch(BaseModel):
 
 
 class Accepted(_Model):
-    """The scheduler's answer to one submission over HTTP."""
+    """The scheduler's answer to one submission over HTTP: `pending` (on its work queue),
+    `delayed` or `blocked` (held by the scheduler), or `duplicate` (a known id)."""
 
     id: TaskId
-    status: Literal["pending", "duplicate"]
+    status: Literal["pending", "delayed", "blocked", "duplicate"]
 
 
 class TaskError(_Model):
@@ -156,6 +164,7 @@ class TaskMessage(_Model):
     reply_to: str | None = None
     timeout_s: float | None = None
     max_retries: int | None = None
+    priority: int = Field(default=DEFAULT_PRIORITY, ge=0, le=9)
     attempt_offset: int = Field(
         default=0, ge=0, description="Attempts made before this message (retries republish it)."
     )
@@ -252,6 +261,25 @@ class TaskProgress(_Model):
     at: datetime = Field(default_factory=utcnow)
 
 
+class CancelTask(_Model):
+    """Command: cancel a task. A held or queued task never runs; a running attempt is
+    stopped on its worker; a finished task is left as it is. Recorded `cancelled`."""
+
+    type: Literal["task.cancel"] = "task.cancel"
+    v: Literal[1] = 1
+    id: TaskId
+    reason: str = Field(default="cancelled on request", max_length=500)
+    at: datetime = Field(default_factory=utcnow)
+
+
+class KindLimit(_Model):
+    """A cluster-wide limit on one kind: at most `max_running` attempts at once and/or
+    at most `max_starts_per_s` starts per second, across all workers together."""
+
+    max_running: int | None = Field(default=None, ge=1, le=100_000)
+    max_starts_per_s: float | None = Field(default=None, gt=0, le=100_000)
+
+
 class WorkerInfo(_Model):
     """What a worker says about itself when it starts."""
 
@@ -262,6 +290,7 @@ class WorkerInfo(_Model):
     concurrency: int
     kinds: list[str]
     capabilities: list[str] = []
+    limits: dict[str, KindLimit] = {}
     version: str
 
 
@@ -308,6 +337,7 @@ Event = Annotated[
     | TasksStarted
     | TaskRetrying
     | TaskProgress
+    | CancelTask
     | WorkerStarted
     | WorkerHeartbeat
     | WorkerStopped
@@ -335,6 +365,7 @@ PUBLISHED_MODELS: dict[str, type[BaseModel]] = {
     "tasks-started": TasksStarted,
     "task-retrying": TaskRetrying,
     "task-progress": TaskProgress,
+    "cancel-task": CancelTask,
     "worker-started": WorkerStarted,
     "worker-heartbeat": WorkerHeartbeat,
     "worker-stopped": WorkerStopped,

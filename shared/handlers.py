@@ -100,6 +100,8 @@ class Handler:
     advertised: bool = True  # announced to the scheduler as a kind this worker runs
     timeout_s: float | None = None  # for tasks of this kind that set no timeout_s
     max_retries: int = 0  # for tasks of this kind that set no max_retries
+    max_running: int | None = None  # cluster-wide: attempts of this kind at once
+    max_starts_per_s: float | None = None  # cluster-wide: starts of this kind per second
 
 
 def task(
@@ -108,13 +110,16 @@ def task(
     blocking: bool | None = None,
     timeout_s: float | None = None,
     max_retries: int = 0,
+    max_running: int | None = None,
+    max_starts_per_s: float | None = None,
 ) -> Callable[[HandlerFunc], HandlerFunc]:
     """Mark a function as the handler of `kind` (found by ``--handlers module``).
 
     `blocking` defaults to "not a coroutine function": sync handlers run in a
     child process so they can neither starve the worker's heartbeats nor outlive
     their timeout. `timeout_s` and `max_retries` are this kind's defaults for
-    tasks that do not set their own.
+    tasks that do not set their own. `max_running` and `max_starts_per_s` limit the
+    kind across all workers together (see ``leveret.worker.limits``).
     """
 
     def mark(func: HandlerFunc) -> HandlerFunc:
@@ -126,6 +131,8 @@ def task(
                 "kind": kind,
                 "timeout_s": timeout_s,
                 "max_retries": max_retries,
+                "max_running": max_running,
+                "max_starts_per_s": max_starts_per_s,
             },
         )
         return func
@@ -148,11 +155,22 @@ class Registry:
         advertised: bool = True,
         timeout_s: float | None = None,
         max_retries: int = 0,
+        max_running: int | None = None,
+        max_starts_per_s: float | None = None,
     ) -> None:
         """Register `func` as the handler of `kind` (replacing any earlier one)."""
         if blocking is None:
             blocking = not inspect.iscoroutinefunction(func)
-        self.handlers[kind] = Handler(kind, func, blocking, advertised, timeout_s, max_retries)
+        self.handlers[kind] = Handler(
+            kind,
+            func,
+            blocking,
+            advertised,
+            timeout_s,
+            max_retries,
+            max_running,
+            max_starts_per_s,
+        )
 
     def get(self, kind: str) -> Handler | None:
         """The handler of `kind`, or None."""

@@ -122,5 +122,19 @@ class WorkerSettings(CommonSettings):
     heartbeat_interval_s: float = Field(default=1.0, gt=0)
     grace_period_s: float = Field(default=25.0, ge=0)
     started_flush_ms: float = Field(default=200.0, ge=0)
+    capabilities: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Tags tasks can require, e.g. gpu, region-eu."
+    )
+    limits: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Cluster-wide kind limits, `kind:running=N,rate=R`, `;`-separated in env.",
+    )
 
-    _split_handlers = field_validator("handlers", mode="before")(_split_csv)
+    _split_handlers = field_validator("handlers", "capabilities", mode="before")(_split_csv)
+
+    @field_validator("limits", mode="before")
+    @classmethod
+    def _split_limits(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [v for v in (p.strip() for p in value.split(";")) if v]
+        return value

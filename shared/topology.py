@@ -9,8 +9,11 @@ namespace: ``leveret.submit``, ``leveret.results``, ``leveret.events``.
 
     leveret.submit  (topic) --#--> leveret.intake (quorum) --> scheduler
     leveret.work    (direct) --<pool>--> leveret.work.<pool> (quorum) --> workers
+                             --<pool>.high--> leveret.work.<pool>.high
+                             --<pool>.low---> leveret.work.<pool>.low
     leveret.results (topic, <status>.<pool>.<kind>) --#--> leveret.tracker (quorum)
     leveret.events  (topic, task.* / worker.*)      --#--> leveret.tracker
+                    --task.cancel--> leveret.cancellations (stream, 1 day; every worker reads it)
     leveret.dead    (direct) --rejected--> leveret.rejected (quorum, for people to inspect)
                              --poison----> leveret.dead.letters (quorum, tracker)
     leveret.retry.<n>s (fanout) --> leveret.retry.<n>s (quorum, TTL n s)
@@ -28,7 +31,9 @@ every start, and :meth:`Topology.declare_pool` caches what it has declared.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue, ExchangeType
@@ -40,6 +45,7 @@ RK_TASKS_ACCEPTED = "task.accepted"
 RK_TASKS_STARTED = "task.started"
 RK_TASK_RETRYING = "task.retrying"
 RK_TASK_PROGRESS = "task.progress"
+RK_TASK_CANCEL = "task.cancel"
 RK_WORKER_STARTED = "worker.started"
 RK_WORKER_HEARTBEAT = "worker.heartbeat"
 RK_WORKER_STOPPED = "worker.stopped"
@@ -60,6 +66,39 @@ INTAKE_DELIVERY_LIMIT = 5
 def result_routing_key(status: str, pool: str, kind: str) -> str:
     """Routing key of a result on the results exchange: ``<status>.<pool>.<kind>``."""
     return f"{status}.{pool}.{kind}"
+
+
+class Band(StrEnum):
+    """A priority band: one work queue per pool and band (quorum queues have no
+    `x-max-priority` before RabbitMQ 4.0). Workers take from all three by weight."""
+
+    HIGH = "high"  # priorities 7-9
+    NORMAL = "normal"  # priorities 3-6 (and the default)
+    LOW = "low"  # priorities 0-2
+
+
+#: Share of free slots a busy worker gives each band (smooth weighted round robin):
+#: high work goes first, and low work still gets one slot in ten, so it never starves.
+BAND_WEIGHTS = {Band.HIGH: 6, Band.NORMAL: 3, Band.LOW: 1}
+
+
+def band_of(priority: int) -> Band:
+    """The band of a task priority (0 lowest … 9 highest)."""
+    if priority >= 7:
+        return Band.HIGH
+    if priority >= 3:
+        return Band.NORMAL
+    return Band.LOW
+
+
+def work_key(pool: str, band: Band) -> str:
+    """Routing key on the work exchange: ``<pool>`` for normal, ``<pool>.high``, ``<pool>.low``."""
+    return pool if band is Band.NORMAL else f"{pool}.{band}"
+
+
+def limited_key(pool: str, kind: str) -> str:
+    """Routing key on the work exchange for a kind with a cluster-wide limit."""
+    return f"{pool}.kind.{kind}"
 
 
 @dataclass(frozen=True)
@@ -127,18 +166,33 @@ class Topology:
             _quorum(self.dead_exchange, RK_REJECTED, INTAKE_DELIVERY_LIMIT),
         )
 
-    def work(self, pool: str) -> QueueSpec:
-        """The work queue of one pool."""
+    def work(self, pool: str, band: Band = Band.NORMAL) -> QueueSpec:
+        """The work queue of one pool and priority band (`normal` by default)."""
         return QueueSpec(
-            f"{self.namespace}.work.{pool}",
+            f"{self.namespace}.work.{work_key(pool, band)}",
             _quorum(self.dead_exchange, RK_POISON, WORK_DELIVERY_LIMIT),
         )
+
+    def limited(self, pool: str, kind: str) -> QueueSpec:
+        """The work queue of a kind with a cluster-wide limit: one active consumer at a
+        time (the broker elects it; see ``leveret.worker.limits``)."""
+        arguments = _quorum(self.dead_exchange, RK_POISON, WORK_DELIVERY_LIMIT)
+        arguments["x-single-active-consumer"] = True
+        return QueueSpec(f"{self.namespace}.work.{limited_key(pool, kind)}", arguments)
 
     @property
     def tracker(self) -> QueueSpec:
         """The tracker's inbox: every result and every event."""
         return QueueSpec(
             f"{self.namespace}.tracker",
+            _quorum(self.dead_exchange, RK_REJECTED, INTAKE_DELIVERY_LIMIT),
+        )
+
+    @property
+    def scheduler_outcomes(self) -> QueueSpec:
+        """The scheduler's copy of every result: it releases or ends dependants."""
+        return QueueSpec(
+            f"{self.namespace}.scheduler.outcomes",
             _quorum(self.dead_exchange, RK_REJECTED, INTAKE_DELIVERY_LIMIT),
         )
 
@@ -163,6 +217,13 @@ class Topology:
         return QueueSpec(f"{self.namespace}.retry.{step_s}s", arguments)
 
     @property
+    def cancellations(self) -> QueueSpec:
+        """Every `task.cancel` of the last day, as a stream: each worker reads it from
+        the start, so one that joins later still knows which queued tasks not to run."""
+        arguments = {"x-queue-type": "stream", "x-max-age": "1D"}
+        return QueueSpec(f"{self.namespace}.cancellations", arguments)
+
+    @property
     def dead_letters(self) -> QueueSpec:
         """Work messages the broker gave up on (delivery limit); the tracker records them."""
         return QueueSpec(f"{self.namespace}.dead.letters", {"x-queue-type": "quorum"})
@@ -181,7 +242,15 @@ class Topology:
     def fixed_queues(self) -> list[QueueSpec]:
         """Every queue of the namespace except the per-pool work queues."""
         retries = [self.retry(s) for s in RETRY_STEPS_S]
-        return [self.intake, self.tracker, self.rejected, self.dead_letters, *retries]
+        fixed = [
+            self.intake,
+            self.tracker,
+            self.scheduler_outcomes,
+            self.rejected,
+            self.dead_letters,
+            self.cancellations,
+        ]
+        return [*fixed, *retries]
 
     async def declare(self, channel: AbstractChannel) -> DeclaredTopology:
         """Declare every exchange, fixed queue and binding. Safe to run again."""
@@ -204,11 +273,8 @@ class Topology:
         await rejected.bind(ex[self.dead_exchange], RK_REJECTED)
         dead = await self.dead_letters.declare(channel)
         await dead.bind(ex[self.dead_exchange], RK_POISON)
-        for step in RETRY_STEPS_S:
-            name = self.retry_exchange(step)
-            ex[name] = await channel.declare_exchange(name, ExchangeType.FANOUT, durable=True)
-            queue = await self.retry(step).declare(channel)
-            await queue.bind(ex[name], "")
+        cancellations = await self.cancellations.declare(channel)
+        await cancellations.bind(ex[self.events_exchange], RK_TASK_CANCEL)
         return DeclaredTopology(self, channel, ex)
 
 
@@ -221,35 +287,75 @@ class DeclaredTopology:
         self.topology = topology
         self.channel = channel
         self._exchanges = exchanges
-        self._pools: dict[str, AbstractQueue] = {}
+        self._pools: dict[str, dict[Band, AbstractQueue]] = {}
+        self._limited: dict[tuple[str, str], AbstractQueue] = {}
 
     def exchange(self, name: str) -> AbstractExchange:
         """The exchange object for one of the topology's exchange names."""
         return self._exchanges[name]
 
-    async def declare_pool(self, pool: str) -> AbstractQueue:
-        """Declare (once per process) the work queue of `pool` and bind it."""
-        queue = self._pools.get(pool)
+    async def declare_pool(self, pool: str) -> dict[Band, AbstractQueue]:
+        """Declare (once per process) the band queues of `pool` and bind them."""
+        queues = self._pools.get(pool)
+        if queues is None:
+            queues = {}
+            for band in Band:
+                queue = await self.topology.work(pool, band).declare(self.channel)
+                await queue.bind(self._exchanges[self.topology.work_exchange], work_key(pool, band))
+                queues[band] = queue
+            self._pools[pool] = queues
+        return queues
+
+    async def declare_retry(self, step_s: int) -> AbstractExchange:
+        """Declare (once per process) one backoff step: its exchange and TTL queue.
+
+        Steps are declared when first needed, not up front: most namespaces use one
+        or two, and every quorum queue costs the broker a Raft group.
+        """
+        name = self.topology.retry_exchange(step_s)
+        exchange = self._exchanges.get(name)
+        if exchange is None:
+            exchange = await self.channel.declare_exchange(name, ExchangeType.FANOUT, durable=True)
+            queue = await self.topology.retry(step_s).declare(self.channel)
+            await queue.bind(exchange, "")
+            self._exchanges[name] = exchange
+        return exchange
+
+    async def declare_limited(self, pool: str, kind: str) -> AbstractQueue:
+        """Declare (once per process) the single-active-consumer queue of a limited kind."""
+        queue = self._limited.get((pool, kind))
         if queue is None:
-            queue = await self.topology.work(pool).declare(self.channel)
-            await queue.bind(self._exchanges[self.topology.work_exchange], pool)
-            self._pools[pool] = queue
+            queue = await self.topology.limited(pool, kind).declare(self.channel)
+            await queue.bind(self._exchanges[self.topology.work_exchange], limited_key(pool, kind))
+            self._limited[(pool, kind)] = queue
         return queue
 
 
-async def delete_namespace(channel: AbstractChannel, topology: Topology, pools: list[str]) -> None:
+async def delete_namespace(
+    channel: AbstractChannel,
+    topology: Topology,
+    pools: list[str],
+    limited_kinds: Iterable[str] = (),
+) -> None:
     """Delete every queue and exchange of a namespace (tests and the demo clean up with it)."""
-    for spec in [*topology.fixed_queues(), *(topology.work(p) for p in pools)]:
+    work = [topology.work(p, band) for p in pools for band in Band]
+    work += [topology.limited(p, k) for p in pools for k in limited_kinds]
+    for spec in [*topology.fixed_queues(), *work]:
         await channel.queue_delete(spec.name)
     for name in topology.exchange_names():
         await channel.exchange_delete(name)
 
 
 __all__ = [
+    "BAND_WEIGHTS",
     "DEFAULT_NAMESPACE",
+    "Band",
     "DeclaredTopology",
     "QueueSpec",
     "Topology",
+    "band_of",
     "delete_namespace",
+    "limited_key",
     "result_routing_key",
+    "work_key",
 ]

@@ -63,6 +63,13 @@ def worker(
     shell: Annotated[bool, typer.Option("--shell", help="Allow the `shell` kind")] = False,
     worker_id: Annotated[str | None, typer.Option(help="Worker id (connection name)")] = None,
     heartbeat_interval_s: Annotated[float | None, typer.Option()] = None,
+    capability: Annotated[
+        list[str] | None, typer.Option(help="A tag tasks can require, e.g. gpu (repeatable)")
+    ] = None,
+    limit: Annotated[
+        list[str] | None,
+        typer.Option(help="Cluster-wide limit, kind:running=N,rate=R (repeatable)"),
+    ] = None,
 ) -> None:
     """Run a worker that serves one pool."""
     from leveret.worker.service import main
@@ -73,6 +80,8 @@ def worker(
         handlers=handlers or None,
         worker_id=worker_id,
         heartbeat_interval_s=heartbeat_interval_s,
+        capabilities=capability or None,
+        limits=limit or None,
     )
     if shell:
         flags["shell_enabled"] = True

@@ -4,6 +4,12 @@ Both intakes (AMQP and HTTP) end here. Concurrent submissions are coalesced by a
 single flusher into one store transaction and one burst of publishes whose
 confirms are awaited together, which is what makes the scheduler fast; having
 one flusher also means two copies of an id cannot race each other.
+
+A task due later (``delay_s``/``run_at``) is stored `delayed` and a task with
+unfinished parents (``depends_on``) `blocked`; both are announced but not
+published, and go out later through the same dispatcher (see
+:mod:`leveret.scheduler.releaser` and :mod:`leveret.scheduler.dependencies`).
+Parents must be known: in the store already, or in the same request.
 """
 
 from __future__ import annotations
@@ -12,29 +18,29 @@ import asyncio
 import json
 import re
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from loguru import logger
 from pydantic import ValidationError
 
-from leveret.amqp import Outgoing, json_message, publish_all
 from leveret.contracts import (
+    DEFAULT_PRIORITY,
     POOL_PATTERN,
     Accepted,
-    AcceptedTask,
     SubmitTask,
     TaskMessage,
-    TasksAccepted,
+    TaskStatus,
     new_task_id,
     utcnow,
 )
 from leveret.errors import SubmissionError
 from leveret.handlers import BUILTIN_KINDS
-from leveret.scheduler.store import CLAIMED, SubmissionStore
-from leveret.topology import RK_TASKS_ACCEPTED, DeclaredTopology
+from leveret.scheduler.dispatch import Announced, Dispatcher
+from leveret.scheduler.holds import ParentOutcome, describe_cycle, due_time, find_cycle, is_held
+from leveret.scheduler.store import BLOCKED, CLAIMED, DELAYED, Submission, SubmissionStore
 
-_EVENT_CHUNK = 500
 _POOL_RE = re.compile(POOL_PATTERN)
 
 
@@ -52,6 +58,9 @@ class KindCatalog:
 
     def __init__(self, configured: Iterable[str] = ()) -> None:
         self._kinds: set[str] = set(BUILTIN_KINDS) | set(configured)
+        #: Kinds whose workers announced a cluster-wide limit: they go to the kind's
+        #: single-active-consumer queue (see leveret.worker.limits).
+        self.limited: set[str] = set()
 
     def add(self, names: Iterable[str]) -> set[str]:
         """Learn kinds; return the ones that are new."""
@@ -103,11 +112,7 @@ def check_supported(task: SubmitTask, kinds: KindCatalog) -> None:
             f"unknown kind {task.kind!r}; known kinds: {', '.join(kinds.names())}",
             422,
         )
-    unsupported = [
-        name
-        for name in ("priority", "depends_on", "requires")
-        if getattr(task, name) not in (None, [], 0)
-    ]
+    unsupported = [name for name in ("requires",) if getattr(task, name) not in (None, [], 0)]
     if unsupported:
         raise SubmissionError(
             "unsupported",
@@ -139,6 +144,7 @@ def envelope(
         reply_to=reply_to,
         timeout_s=task.timeout_s,
         max_retries=task.max_retries,
+        priority=DEFAULT_PRIORITY if task.priority is None else task.priority,
     )
 
 
@@ -151,9 +157,36 @@ def check_payload_size(task: SubmitTask, max_bytes: int) -> None:
         )
 
 
+def submission(task: SubmitTask, message: TaskMessage) -> Submission:
+    """A valid submission with its work message, due time and parents (each once)."""
+    parents = tuple(dict.fromkeys(task.depends_on or ()))
+    return Submission(message, parents, due_time(task, message.submitted_at))
+
+
+def check_graph(subs: Sequence[Submission]) -> None:
+    """Refuse a request whose tasks depend on each other in a cycle (or on themselves)."""
+    graph: dict[str, Sequence[str]] = {}
+    for s in subs:
+        graph.setdefault(s.id, s.depends_on)  # the first copy of an id is the one kept
+    cycle = find_cycle(graph)
+    if cycle is not None:
+        raise SubmissionError("dependency_cycle", f"dependency cycle: {describe_cycle(cycle)}", 422)
+
+
+def _state(s: Submission, known: dict[str, ParentOutcome], now: datetime) -> tuple[str, Announced]:
+    """Where a new task starts: dispatched now, delayed, or blocked by its parents."""
+    if s.depends_on:
+        outcomes = [known.get(p, ParentOutcome(None)).status for p in s.depends_on]
+        if any(o is not TaskStatus.COMPLETED for o in outcomes):
+            return BLOCKED, "blocked"  # a parent that did not complete ends it at once
+    if is_held(s.run_at, now):
+        return DELAYED, "delayed"
+    return CLAIMED, "pending"
+
+
 @dataclass
 class _Request:
-    tasks: Sequence[TaskMessage]
+    subs: Sequence[Submission]
     future: asyncio.Future[list[Accepted]] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -165,32 +198,37 @@ class Admission:
     def __init__(
         self,
         store: SubmissionStore,
-        declared: DeclaredTopology,
+        dispatcher: Dispatcher,
         *,
         batch_max: int = 256,
         batch_wait_ms: float = 2.0,
+        on_delayed: Callable[[datetime], None] = lambda _: None,
+        on_blocked: Callable[[Sequence[str]], None] = lambda _: None,
     ) -> None:
         self.store = store
-        self.declared = declared
+        self.dispatcher = dispatcher
         self.batch_max = batch_max
         self.batch_wait_s = batch_wait_ms / 1000
+        self.on_delayed = on_delayed
+        self.on_blocked = on_blocked
         self._queue: asyncio.Queue[_Request] = asyncio.Queue()
         self.accepted = 0
         self.duplicates = 0
 
-    async def submit(self, tasks: Sequence[TaskMessage]) -> list[Accepted]:
-        """Admit tasks; return one answer each once they are durably on their queues."""
-        request = _Request(tasks)
+    async def submit(self, subs: Sequence[Submission]) -> list[Accepted]:
+        """Admit tasks; return one answer each once they are durably on their queues or
+        held in the store. Raises :class:`SubmissionError` for an unknown parent."""
+        request = _Request(subs)
         await self._queue.put(request)
         return await request.future
 
     async def recover(self) -> int:
-        """Dispatch tasks a previous run claimed but never saw confirmed."""
+        """Dispatch tasks a previous run wrote or released but never saw confirmed."""
         leftovers = await self.store.undispatched()
         for start in range(0, len(leftovers), self.batch_max):
             part = leftovers[start : start + self.batch_max]
-            await self._dispatch(part)
-            await self.store.mark_dispatched(t.id for t in part)
+            await self.dispatcher.send(part)
+            await self.store.mark_dispatched(s.id for s in part)
         if leftovers:
             logger.warning("re-dispatched {} tasks claimed before a crash", len(leftovers))
         return len(leftovers)
@@ -200,7 +238,8 @@ class Admission:
         while True:
             batch = await self._collect()
             try:
-                answers = await self._process([t for r in batch for t in r.tasks])
+                admitted, known = await self._check_parents(batch)
+                answers = await self._process([s for r in admitted for s in r.subs], known)
             except Exception as exc:
                 logger.opt(exception=exc).error("admission of {} requests failed", len(batch))
                 for request in batch:
@@ -208,15 +247,15 @@ class Admission:
                         request.future.set_exception(exc)
                 continue
             offset = 0
-            for request in batch:
-                n = len(request.tasks)
+            for request in admitted:
+                n = len(request.subs)
                 if not request.future.done():
                     request.future.set_result(answers[offset : offset + n])
                 offset += n
 
     async def _collect(self) -> list[_Request]:
         first = await self._queue.get()
-        batch, count = [first], len(first.tasks)
+        batch, count = [first], len(first.subs)
         deadline = time.monotonic() + self.batch_wait_s
         while count < self.batch_max:
             try:
@@ -230,60 +269,89 @@ class Admission:
                 except TimeoutError:
                     break
             batch.append(request)
-            count += len(request.tasks)
+            count += len(request.subs)
         return batch
 
-    async def _process(self, tasks: list[TaskMessage]) -> list[Accepted]:
-        unique: dict[str, TaskMessage] = {}
-        for t in tasks:
-            unique.setdefault(t.id, t)
-        existing = await self.store.claim(list(unique.values()))
-        to_send: list[TaskMessage] = []
-        for task_id, task in unique.items():
+    async def _check_parents(
+        self, batch: list[_Request]
+    ) -> tuple[list[_Request], dict[str, ParentOutcome]]:
+        """Refuse each request naming a parent that is neither in the store nor in the
+        request itself (nor in an earlier request of this batch); return the others, and
+        the outcomes so far of the parents the store knows."""
+        parents = {p for r in batch for s in r.subs for p in s.depends_on}
+        if not parents:
+            return batch, {}
+        known = await self.store.lookup(parents)
+        admitted: list[_Request] = []
+        earlier: set[str] = set()
+        for request in batch:
+            own = {s.id for s in request.subs}
+            missing = sorted(
+                {
+                    p
+                    for s in request.subs
+                    for p in s.depends_on
+                    if p not in known and p not in own and p not in earlier
+                }
+            )
+            if missing:
+                shown = ", ".join(missing[:10]) + (" …" if len(missing) > 10 else "")
+                request.future.set_exception(
+                    SubmissionError(
+                        "unknown_dependency",
+                        f"depends_on names unknown task(s): {shown}; a parent must be "
+                        "submitted before its dependants or in the same batch",
+                        422,
+                    )
+                )
+                continue
+            earlier |= own
+            admitted.append(request)
+        return admitted, known
+
+    async def _process(
+        self, subs: list[Submission], known: dict[str, ParentOutcome]
+    ) -> list[Accepted]:
+        unique: dict[str, Submission] = {}
+        for s in subs:
+            unique.setdefault(s.id, s)
+        now = utcnow()
+        plan = {i: _state(s, known, now) for i, s in unique.items()}
+        existing = await self.store.claim([(s, plan[i][0]) for i, s in unique.items()])
+        to_send: list[Submission] = []
+        held: list[tuple[Submission, Announced]] = []
+        status: dict[str, Announced] = {}
+        for task_id, s in unique.items():
             old = existing.get(task_id)
             if old is None:
-                to_send.append(task)
+                state, announced = plan[task_id]
+                status[task_id] = announced
+                if state == CLAIMED:
+                    to_send.append(s)
+                else:
+                    held.append((s, announced))
             elif old.state == CLAIMED:
-                to_send.append(old.envelope)  # claimed by an earlier, interrupted attempt
-        await self._dispatch(to_send)
-        await self.store.mark_dispatched(t.id for t in to_send)
-        sent = {t.id for t in to_send}
+                to_send.append(old.submission)  # claimed by an earlier, interrupted attempt
+                status[task_id] = "pending"
+        await self.dispatcher.send(to_send, held)
+        await self.store.mark_dispatched(s.id for s in to_send)
+        self._after_hold(held)
         answers: list[Accepted] = []
-        for t in tasks:
-            first_copy = unique.get(t.id) is t
-            if t.id in sent and first_copy:
-                answers.append(Accepted(id=t.id, status="pending"))
-                sent.discard(t.id)  # a second copy in the same batch is a duplicate
-            else:
-                answers.append(Accepted(id=t.id, status="duplicate"))
-        self.accepted += len(to_send)
-        self.duplicates += len(tasks) - len(to_send)
+        for s in subs:
+            first_copy = unique.get(s.id) is s
+            answer = status.pop(s.id, None) if first_copy else None
+            # a second copy in the same batch is a duplicate
+            answers.append(Accepted(id=s.id, status=answer or "duplicate"))
+        self.accepted += len(to_send) + len(held)
+        self.duplicates += len(subs) - len(to_send) - len(held)
         return answers
 
-    async def _dispatch(self, tasks: Sequence[TaskMessage]) -> None:
-        if not tasks:
-            return
-        work = self.declared.exchange(self.declared.topology.work_exchange)
-        events = self.declared.exchange(self.declared.topology.events_exchange)
-        items: list[Outgoing] = []
-        for t in tasks:
-            await self.declared.declare_pool(t.pool)
-            message = json_message(t, message_id=t.id, correlation_id=t.correlation_id or t.id)
-            items.append(Outgoing(work, t.pool, message))
-        for start in range(0, len(tasks), _EVENT_CHUNK):
-            event = TasksAccepted(
-                tasks=[
-                    AcceptedTask(
-                        id=t.id,
-                        kind=t.kind,
-                        pool=t.pool,
-                        submitted_at=t.submitted_at,
-                        correlation_id=t.correlation_id,
-                    )
-                    for t in tasks[start : start + _EVENT_CHUNK]
-                ]
-            )
-            items.append(Outgoing(events, RK_TASKS_ACCEPTED, json_message(event)))
-        await publish_all(items)
-        for t in tasks:
-            logger.debug("task {} accepted ({} on pool {})", t.id, t.kind, t.pool)
+    def _after_hold(self, held: Sequence[tuple[Submission, Announced]]) -> None:
+        """Tell the releaser of new due times and the resolver of new blocked tasks (it
+        checks them once more now that they are committed: a parent may just have ended)."""
+        due = [s.run_at for s, a in held if a == "delayed" and s.run_at is not None]
+        if due:
+            self.on_delayed(min(due))
+        blocked = [s.id for s, a in held if a == "blocked"]
+        if blocked:
+            self.on_blocked(blocked)

@@ -3,7 +3,9 @@
 A 202 means the task is durably on its work queue (publisher confirm received).
 Bad input gets a 4xx whose ``detail`` says what is wrong:
 400 (not UTF-8, not JSON, not an object), 413 (too large), 422 (schema, unknown
-kind, unsupported field); 503 when the broker or store cannot take it now.
+kind, unsupported field, unknown parent, dependency cycle); 503 when the broker or
+store cannot take it now. A 202 for a held task (status `delayed` or `blocked`)
+means it is durably in the scheduler's store.
 """
 
 from __future__ import annotations
@@ -18,17 +20,21 @@ from pydantic import ValidationError
 
 from leveret import __version__
 from leveret.amqp import BROKER_EXCEPTIONS
-from leveret.contracts import Accepted, SubmitBatch, SubmitTask, TaskMessage
+from leveret.contracts import Accepted, CancelTask, SubmitBatch, SubmitTask
 from leveret.errors import LeveretError, SubmissionError
 from leveret.scheduler.admission import (
     Admission,
     KindCatalog,
+    check_graph,
     check_payload_size,
     check_supported,
     describe,
     envelope,
     parse_body,
+    submission,
 )
+from leveret.scheduler.cancel import CancelAnswer, request_cancel
+from leveret.scheduler.store import Submission
 
 #: What makes a submission fail with 503 (retry later) rather than 4xx.
 UNAVAILABLE: tuple[type[Exception], ...] = (LeveretError, *BROKER_EXCEPTIONS)
@@ -72,14 +78,14 @@ class _Routes:
         try:
             task = parse_body(body, self.max_bytes)
             check_supported(task, self.kinds)
-            work = envelope(task)
+            work = submission(task, envelope(task))
+            check_graph([work])
+            [answer] = await self.admission.submit([work])
         except SubmissionError as err:
             return _error(err)
-        try:
-            [answer] = await self.admission.submit([work])
         except UNAVAILABLE as exc:
             return _unavailable(exc)
-        code = 202 if answer.status == "pending" else 200
+        code = 200 if answer.status == "duplicate" else 202
         return JSONResponse(answer.model_dump(), status_code=code)
 
     async def submit_batch(self, request: Request) -> JSONResponse:
@@ -90,27 +96,48 @@ class _Routes:
         except SubmissionError as err:
             return _error(err, getattr(err, "index", None))
         try:
+            check_graph(works)
             answers = await self.admission.submit(works)
+        except SubmissionError as err:
+            return _error(err)
         except UNAVAILABLE as exc:
             return _unavailable(exc)
         return JSONResponse({"tasks": [a.model_dump() for a in answers]}, status_code=202)
 
-    def _batch(self, body: bytes) -> list[TaskMessage]:
+    def _batch(self, body: bytes) -> list[Submission]:
         limit = self.max_bytes * BATCH_BODY_FACTOR
         if len(body) > limit:
             raise SubmissionError(
                 "payload_too_large", f"batch is {len(body)} bytes; the limit is {limit}", 413
             )
-        works: list[TaskMessage] = []
+        works: list[Submission] = []
         for index, task in enumerate(_parse_batch(body).tasks):
             try:
                 check_payload_size(task, self.max_bytes)
                 check_supported(task, self.kinds)
-                works.append(envelope(task))
+                works.append(submission(task, envelope(task)))
             except SubmissionError as err:
                 err.index = index  # type: ignore[attr-defined]
                 raise
         return works
+
+    async def cancel(self, task_id: str) -> JSONResponse:
+        """Cancel a task: 202 while it is being cancelled, 404 unknown, 409 finished."""
+        try:
+            command = CancelTask(id=task_id)
+        except ValidationError:
+            return _error(SubmissionError("invalid_id", f"invalid task id {task_id!r}", 404))
+        try:
+            answer = await request_cancel(
+                self.admission.store, self.admission.dispatcher.declared, command
+            )
+        except UNAVAILABLE as exc:
+            return _unavailable(exc)
+        if answer is CancelAnswer.UNKNOWN:
+            return _error(SubmissionError("unknown_task", f"no task {task_id!r} was accepted", 404))
+        if answer is CancelAnswer.FINISHED:
+            return _error(SubmissionError("finished", f"task {task_id!r} already ended", 409))
+        return JSONResponse({"id": task_id, "status": answer.value}, status_code=202)
 
     async def healthz(self) -> dict[str, Any]:
         """Liveness and a few counters."""
@@ -140,6 +167,7 @@ def create_app(admission: Admission, kinds: KindCatalog, *, max_bytes: int) -> F
     app.post("/tasks/batch", status_code=202, openapi_extra=_body_schema("SubmitBatch"))(
         routes.submit_batch
     )
+    app.delete("/tasks/{task_id}", status_code=202)(routes.cancel)
     app.get("/healthz")(routes.healthz)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app

@@ -18,7 +18,8 @@ from typing import Any, TypeVar
 
 from aio_pika.abc import AbstractIncomingMessage
 from loguru import logger
-from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
+from pydantic import ValidationError
+from tenacity import AsyncRetrying, retry_if_exception, wait_exponential_jitter
 
 from leveret.amqp import (
     BROKER_EXCEPTIONS,
@@ -29,10 +30,12 @@ from leveret.amqp import (
     send_reply,
 )
 from leveret.contracts import (
+    CANCEL_TYPE,
     ID_PATTERN,
     KIND_PATTERN,
     POOL_PATTERN,
     REPLY_RESULT,
+    CancelTask,
     TaskError,
     TaskResult,
     new_task_id,
@@ -41,10 +44,13 @@ from leveret.errors import LeveretError, SubmissionError
 from leveret.scheduler.admission import (
     Admission,
     KindCatalog,
+    check_graph,
     check_supported,
     envelope,
     parse_body,
+    submission,
 )
+from leveret.scheduler.cancel import request_cancel
 from leveret.topology import RK_REJECTED, DeclaredTopology, result_routing_key
 
 _ID = re.compile(ID_PATTERN)
@@ -93,6 +99,9 @@ class Intake:
                 self.idle.set()
 
     async def _handle(self, message: AbstractIncomingMessage) -> None:
+        if message.type == CANCEL_TYPE:
+            await self._cancel(message)
+            return
         reply_to = message.reply_to
         try:
             task = parse_body(message.body, self.max_bytes)
@@ -105,12 +114,14 @@ class Intake:
                 correlation_id=message.correlation_id,
                 reply_to=reply_to,
             )
+            held = submission(task, work)
+            check_graph([held])
+            answers = await _retrying(lambda: self.admission.submit([held]))
         except SubmissionError as err:
             refusal = err
             await _retrying(lambda: self._refuse(message, refusal))
             await message.ack()
             return
-        answers = await _retrying(lambda: self.admission.submit([work]))
         if answers[0].status == "duplicate" and reply_to and not message.redelivered:
             notice = TaskResult(id=work.id, kind=work.kind, pool=work.pool, status="duplicate")
             channel = self.declared.channel
@@ -125,6 +136,21 @@ class Intake:
                 ),
             )
             logger.info("task {} submitted again: duplicate of the existing one", work.id)
+        await message.ack()
+
+    async def _cancel(self, message: AbstractIncomingMessage) -> None:
+        """A cancellation request: ``type`` = ``task.cancel``, body ``{"id": ...}``."""
+        try:
+            command = CancelTask.model_validate_json(message.body)
+        except ValidationError as exc:
+            refusal = SubmissionError("invalid_cancel", f"not a cancellation: {exc}", 400)
+            await _retrying(lambda: self._refuse(message, refusal))
+        else:
+            declared = self.admission.dispatcher.declared
+            answer = await _retrying(
+                lambda: request_cancel(self.admission.store, declared, command)
+            )
+            logger.bind(task_id=command.id).info("cancel request for {}: {}", command.id, answer)
         await message.ack()
 
     async def _refuse(self, message: AbstractIncomingMessage, err: SubmissionError) -> None:
@@ -191,14 +217,20 @@ def _guess_fields(message: AbstractIncomingMessage) -> dict[str, str | None]:
     }
 
 
+def _transient(exc: BaseException) -> bool:
+    return isinstance(exc, TRANSIENT) and not isinstance(exc, SubmissionError)
+
+
 async def _retrying(op: Callable[[], Awaitable[T]]) -> T:
     """Run `op` until it succeeds, backing off while the store or broker is in trouble."""
     try:  # the common case, without building a retry loop per message
         return await op()
     except TRANSIENT as exc:
+        if isinstance(exc, SubmissionError):
+            raise  # a refusal, not trouble: retrying would not change the answer
         logger.warning("intake retrying after {}", exc)
     async for attempt in AsyncRetrying(
-        retry=retry_if_exception_type(TRANSIENT),
+        retry=retry_if_exception(_transient),
         wait=wait_exponential_jitter(multiplier=0.1, max=5.0, jitter=0.1),
         before_sleep=lambda state: logger.warning(
             "intake retrying after {}", state.outcome.exception() if state.outcome else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 
@@ -10,12 +11,16 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobus
 from loguru import logger
 from pydantic import ValidationError
 
-from leveret.amqp import connect, json_message, open_channel
+from leveret.amqp import BROKER_EXCEPTIONS, connect, json_message, open_channel
 from leveret.contracts import SchedulerStarted, WorkerStarted, decode_event
 from leveret.runtime import http_server, run_service, wait_started
 from leveret.scheduler.admission import Admission, KindCatalog
 from leveret.scheduler.api import create_app
+from leveret.scheduler.dependencies import Resolver
+from leveret.scheduler.dispatch import Dispatcher
 from leveret.scheduler.intake import Intake
+from leveret.scheduler.outcomes import Outcomes
+from leveret.scheduler.releaser import Releaser
 from leveret.scheduler.store import SubmissionStore
 from leveret.settings import SchedulerSettings
 from leveret.topology import RK_SCHEDULER_STARTED, RK_WORKER_STARTED
@@ -37,16 +42,32 @@ async def run(
         declared = await settings.topology.declare(channel)
         kinds = KindCatalog(settings.kinds)
         kinds.add(await store.known_kinds())
+        dispatcher = Dispatcher(declared, limited=kinds.limited)
+        releaser = Releaser(store, dispatcher, batch_max=settings.batch_max)
+        resolver = Resolver(store, dispatcher, on_delayed=releaser.wake)
         admission = Admission(
-            store, declared, batch_max=settings.batch_max, batch_wait_ms=settings.batch_wait_ms
+            store,
+            dispatcher,
+            batch_max=settings.batch_max,
+            batch_wait_ms=settings.batch_wait_ms,
+            on_delayed=releaser.wake,
+            on_blocked=resolver.kick,
         )
         await admission.recover()
+        await resolver.recover()
+        outcomes = Outcomes(store, resolver, settings.topology)
         intake = Intake(admission, declared, kinds, max_bytes=settings.max_payload_bytes)
         app = create_app(admission, kinds, max_bytes=settings.max_payload_bytes)
         server = http_server(app, settings.host, settings.port)
 
         async with asyncio.TaskGroup() as group:
             flusher = group.create_task(admission.run(), name="admission")
+            holders = [
+                group.create_task(releaser.run(), name="releaser"),
+                group.create_task(resolver.run(), name="resolver"),
+                group.create_task(outcomes.run(), name="outcomes"),
+            ]
+            await outcomes.start(connection)
             kinds_channel = await _watch_kinds(connection, settings, kinds, store)
             intake_channel = await open_channel(connection, prefetch=settings.intake_prefetch)
             intake_queue = await settings.topology.intake.declare(intake_channel)
@@ -68,7 +89,8 @@ async def run(
             await stop.wait()
 
             logger.info("scheduler stopping: no new submissions")
-            await intake_queue.cancel(tag)
+            with contextlib.suppress(*BROKER_EXCEPTIONS):  # a channel restored after a drop
+                await intake_queue.cancel(tag)
             server.should_exit = True
             await http
             try:
@@ -76,9 +98,12 @@ async def run(
             except TimeoutError:
                 logger.warning("{} intake messages left unacked (redelivered)", intake.in_flight)
             flusher.cancel()
-        await kinds_channel.close()
-        await intake_channel.close()
-        await channel.close()
+            await outcomes.stop()
+            for task in holders:
+                task.cancel()
+        for open_ in (kinds_channel, intake_channel, channel):
+            with contextlib.suppress(*BROKER_EXCEPTIONS):
+                await open_.close()
     finally:
         await connection.close()
         await store.close()
@@ -104,6 +129,7 @@ async def _watch_kinds(
                 logger.warning("ignoring malformed worker announcement: {}", exc)
                 return
             if isinstance(event, WorkerStarted):
+                kinds.limited.update(event.worker.limits)
                 new = kinds.add(event.worker.kinds)
                 if new:
                     await store.add_kinds(new)

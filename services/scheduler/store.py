@@ -1,56 +1,66 @@
-"""The scheduler's own store: which task ids it has accepted, and the kinds it knows.
+"""The scheduler's own store: the task ids it accepted, the tasks it holds, the kinds it knows.
 
-A submission is *claimed* (row written, committed) before its work message is
-published, and marked *dispatched* once the broker confirmed it. A claimed row
-left behind by a crash is dispatched again at the next start, so a task that got
-a 2xx or whose intake message was redelivered is never lost; a dispatched row
-makes a resubmission of the same id a duplicate.
+A submission row moves through these states (every move a guarded UPDATE, so two
+scheduler replicas sharing PostgreSQL never both take the same row)::
+
+    claimed ──▶ dispatched                    (admitted, published, confirmed)
+    delayed ──▶ releasing ──▶ dispatched      (due: the releaser takes it)
+    blocked ──▶ releasing ──▶ dispatched      (every parent completed)
+            ──▶ delayed                       (parents done, but not due yet)
+            ──▶ failing ──▶ ended             (a parent did not complete)
+
+A row is written (committed) before its work message is published and marked
+dispatched once the broker confirmed it; a `claimed` or `releasing` row left by
+a crash is dispatched again at the next start, a `failing` one has its result
+published again. A dispatched row makes a resubmission of the same id a duplicate.
+Outcomes of tasks (`outcome`, `error_type`) are recorded from the results
+exchange: the first terminal one counts. `edges` says which task waits for which.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import (
-    Column,
-    DateTime,
-    MetaData,
-    String,
-    Table,
-    Text,
-    select,
-    update,
-)
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy import bindparam, func, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from leveret.contracts import TaskMessage, utcnow
-from leveret.db import create_engine, insert_for
-
-CLAIMED = "claimed"
-DISPATCHED = "dispatched"
-
-metadata = MetaData()
-
-submissions = Table(
-    "submissions",
+from leveret.contracts import TaskMessage, TaskStatus, utcnow
+from leveret.db import UtcDateTime, add_missing_columns, create_engine, insert_for
+from leveret.scheduler.holds import HOLD_THRESHOLD_S, ParentOutcome
+from leveret.scheduler.tables import (
+    BLOCKED,
+    CLAIMED,
+    DELAYED,
+    DISPATCHED,
+    ENDED,
+    FAILING,
+    RELEASING,
+    edges,
+    kinds,
     metadata,
-    Column("id", String(200), primary_key=True),
-    Column("state", String(16), nullable=False, index=True),
-    Column("envelope", Text, nullable=False),
-    Column("created_at", DateTime(timezone=True), nullable=False),
-)
-
-kinds = Table(
-    "kinds",
-    metadata,
-    Column("name", String(128), primary_key=True),
-    Column("first_seen", DateTime(timezone=True), nullable=False),
+    submissions,
 )
 
 # SQLite caps bound parameters per statement; stay well below.
 _IN_CHUNK = 500
+
+
+@dataclass(frozen=True)
+class Submission:
+    """A task as the scheduler keeps it: its work message, and what holds it back."""
+
+    message: TaskMessage
+    depends_on: tuple[str, ...] = ()
+    run_at: datetime | None = None
+
+    @property
+    def id(self) -> str:
+        """The task id."""
+        return self.message.id
 
 
 @dataclass(frozen=True)
@@ -59,79 +69,313 @@ class Existing:
 
     id: str
     state: str
-    envelope: TaskMessage
+    submission: Submission
+
+
+@dataclass(frozen=True)
+class Blocked:
+    """A blocked task and how each of its parents ended so far."""
+
+    submission: Submission
+    parents: dict[str, ParentOutcome]
+
+
+@dataclass(frozen=True)
+class Ending:
+    """A blocked task that ends without running, and why."""
+
+    id: str
+    status: TaskStatus
+    error_type: str
+    message: str
+
+
+def _chunks(ids: Sequence[str]) -> Iterable[Sequence[str]]:
+    for start in range(0, len(ids), _IN_CHUNK):
+        yield ids[start : start + _IN_CHUNK]
+
+
+def _submission(row: Any) -> Submission:
+    deps = tuple(json.loads(row.depends_on)) if row.depends_on else ()
+    return Submission(TaskMessage.model_validate_json(row.envelope), deps, row.run_at)
+
+
+_ROW = (
+    submissions.c.id,
+    submissions.c.state,
+    submissions.c.envelope,
+    submissions.c.run_at,
+    submissions.c.depends_on,
+)
 
 
 class SubmissionStore:
-    """Claims, dispatch marks and known kinds, on SQLite or PostgreSQL."""
+    """Claims, held tasks, outcomes and known kinds, on SQLite or PostgreSQL."""
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
 
     @classmethod
     async def open(cls, url: str) -> SubmissionStore:
-        """Connect and create the tables if needed."""
+        """Connect and create (or bring up to date) the tables."""
         engine = create_engine(url)
         async with engine.begin() as conn:
-            await conn.run_sync(metadata.create_all)
+            await conn.run_sync(add_missing_columns, metadata)
         return cls(engine)
 
     async def close(self) -> None:
         """Release the connection pool."""
         await self.engine.dispose()
 
-    async def claim(self, tasks: Sequence[TaskMessage]) -> dict[str, Existing]:
-        """Claim every task whose id is new; return the ones that already existed."""
-        ids = [t.id for t in tasks]
+    # admission
+
+    async def lookup(self, ids: Iterable[str]) -> dict[str, ParentOutcome]:
+        """The outcome so far of each of these ids the store knows (absent: unknown)."""
+        found: dict[str, ParentOutcome] = {}
+        async with self.engine.connect() as conn:
+            found.update(await self._outcomes(conn, sorted(set(ids))))
+        return found
+
+    async def claim(self, items: Sequence[tuple[Submission, str]]) -> dict[str, Existing]:
+        """Write every (submission, state) whose id is new, with its dependency edges;
+        return the ones that already existed."""
+        ids = [s.id for s, _ in items]
         existing: dict[str, Existing] = {}
         async with self.engine.begin() as conn:
-            for start in range(0, len(ids), _IN_CHUNK):
-                part = ids[start : start + _IN_CHUNK]
-                rows = await conn.execute(
-                    select(submissions.c.id, submissions.c.state, submissions.c.envelope).where(
-                        submissions.c.id.in_(part)
-                    )
-                )
+            for part in _chunks(ids):
+                rows = await conn.execute(select(*_ROW).where(submissions.c.id.in_(part)))
                 for row in rows:
-                    existing[row.id] = Existing(
-                        row.id, row.state, TaskMessage.model_validate_json(row.envelope)
-                    )
+                    existing[row.id] = Existing(row.id, row.state, _submission(row))
             now = utcnow()
-            fresh = [
-                {"id": t.id, "state": CLAIMED, "envelope": t.model_dump_json(), "created_at": now}
-                for t in tasks
-                if t.id not in existing
-            ]
+            fresh = [(s, state) for s, state in items if s.id not in existing]
             if fresh:
                 stmt = insert_for(self.engine, submissions).on_conflict_do_nothing(
                     index_elements=["id"]
                 )
-                await conn.execute(stmt, fresh)
+                await conn.execute(
+                    stmt,
+                    [
+                        {
+                            "id": s.id,
+                            "state": state,
+                            "envelope": s.message.model_dump_json(),
+                            "created_at": now,
+                            "run_at": s.run_at,
+                            "depends_on": json.dumps(list(s.depends_on)) if s.depends_on else None,
+                        }
+                        for s, state in fresh
+                    ],
+                )
+            links = [{"parent": p, "child": s.id} for s, _ in fresh for p in set(s.depends_on)]
+            if links:
+                stmt = insert_for(self.engine, edges).on_conflict_do_nothing(
+                    index_elements=["parent", "child"]
+                )
+                await conn.execute(stmt, links)
         return existing
 
-    async def mark_dispatched(self, ids: Iterable[str]) -> None:
-        """Record that these tasks' work messages were confirmed by the broker."""
+    async def mark(self, ids: Iterable[str], state: str) -> None:
+        """Move these rows to `state` (dispatched once confirmed; ended once published)."""
         id_list = list(ids)
         if not id_list:
             return
         async with self.engine.begin() as conn:
-            for start in range(0, len(id_list), _IN_CHUNK):
+            for part in _chunks(id_list):
                 await conn.execute(
-                    update(submissions)
-                    .where(submissions.c.id.in_(id_list[start : start + _IN_CHUNK]))
-                    .values(state=DISPATCHED)
+                    update(submissions).where(submissions.c.id.in_(part)).values(state=state)
                 )
 
-    async def undispatched(self, limit: int = 10_000) -> list[TaskMessage]:
-        """Tasks claimed but never confirmed as dispatched (left by a crash)."""
+    async def mark_dispatched(self, ids: Iterable[str]) -> None:
+        """Record that these tasks' work messages were confirmed by the broker."""
+        await self.mark(ids, DISPATCHED)
+
+    async def undispatched(self, limit: int = 10_000) -> list[Submission]:
+        """Tasks written or released but never confirmed as dispatched (left by a crash)."""
+        return await self._in_state((CLAIMED, RELEASING), limit)
+
+    async def failing(self, limit: int = 10_000) -> list[tuple[Submission, Ending]]:
+        """Tasks whose dependency failure was decided but maybe not published (a crash)."""
+        query = (
+            select(
+                *_ROW, submissions.c.outcome, submissions.c.error_type, submissions.c.error_message
+            )
+            .where(submissions.c.state == FAILING)
+            .limit(limit)
+        )
+        async with self.engine.connect() as conn:
+            rows = list(await conn.execute(query))
+        return [
+            (
+                _submission(r),
+                Ending(r.id, TaskStatus(r.outcome), r.error_type or "", r.error_message or ""),
+            )
+            for r in rows
+        ]
+
+    async def _in_state(self, states: Sequence[str], limit: int) -> list[Submission]:
         async with self.engine.connect() as conn:
             rows = await conn.execute(
-                select(submissions.c.envelope)
-                .where(submissions.c.state == CLAIMED)
+                select(*_ROW)
+                .where(submissions.c.state.in_(states))
                 .order_by(submissions.c.created_at)
                 .limit(limit)
             )
-            return [TaskMessage.model_validate_json(r.envelope) for r in rows]
+            return [_submission(r) for r in rows]
+
+    # delayed tasks
+
+    async def take_due(self, now: datetime, limit: int) -> list[Submission]:
+        """Atomically move up to `limit` delayed tasks due at `now` to `releasing`."""
+        due = (
+            select(submissions.c.id)
+            .where(submissions.c.state == DELAYED, submissions.c.run_at <= now)
+            .order_by(submissions.c.run_at)
+            .limit(limit)
+        )
+        stmt = (
+            update(submissions)
+            .where(submissions.c.id.in_(due.scalar_subquery()), submissions.c.state == DELAYED)
+            .values(state=RELEASING)
+            .returning(*_ROW)
+        )
+        async with self.engine.begin() as conn:
+            return [_submission(r) for r in await conn.execute(stmt)]
+
+    async def next_due(self) -> datetime | None:
+        """The earliest due time of a delayed task, if any."""
+        query = select(func.min(submissions.c.run_at)).where(submissions.c.state == DELAYED)
+        async with self.engine.connect() as conn:
+            value = await conn.scalar(query)
+        return UtcDateTime().process_result_value(value, self.engine.dialect)
+
+    # dependencies
+
+    async def record_outcomes(self, outcomes: Sequence[tuple[str, str, str | None]]) -> list[str]:
+        """Record (id, status, error type) of ended tasks, first one wins, in ONE transaction;
+        return the blocked tasks that wait for any of them."""
+        if not outcomes:
+            return []
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                update(submissions)
+                .where(submissions.c.id == bindparam("b_id"), submissions.c.outcome.is_(None))
+                .values(outcome=bindparam("b_outcome"), error_type=bindparam("b_error")),
+                [{"b_id": i, "b_outcome": s, "b_error": e} for i, s, e in outcomes],
+            )
+            return await self._waiting_children(conn, [i for i, _, _ in outcomes])
+
+    async def waiting_children(self, parents: Sequence[str]) -> list[str]:
+        """The blocked tasks that wait for any of `parents`."""
+        async with self.engine.connect() as conn:
+            return await self._waiting_children(conn, parents)
+
+    async def _waiting_children(self, conn: AsyncConnection, parents: Sequence[str]) -> list[str]:
+        found: set[str] = set()
+        for part in _chunks(sorted(set(parents))):
+            query = (
+                select(edges.c.child)
+                .join(submissions, submissions.c.id == edges.c.child)
+                .where(edges.c.parent.in_(part), submissions.c.state == BLOCKED)
+            )
+            found.update(await conn.scalars(query))
+        return sorted(found)
+
+    async def resolvable(self, limit: int = 10_000) -> list[str]:
+        """Blocked tasks with at least one parent that ended (the start-up re-check)."""
+        parent = submissions.alias("parent")
+        child = submissions.alias("child")
+        query = (
+            select(edges.c.child)
+            .join(parent, parent.c.id == edges.c.parent)
+            .join(child, child.c.id == edges.c.child)
+            .where(child.c.state == BLOCKED, parent.c.outcome.is_not(None))
+            .distinct()
+            .limit(limit)
+        )
+        async with self.engine.connect() as conn:
+            return list(await conn.scalars(query))
+
+    async def blocked(self, ids: Sequence[str]) -> list[Blocked]:
+        """These tasks, those still blocked, each with its parents' outcomes so far."""
+        result: list[Blocked] = []
+        async with self.engine.connect() as conn:
+            for part in _chunks(sorted(set(ids))):
+                query = select(*_ROW).where(
+                    submissions.c.id.in_(part), submissions.c.state == BLOCKED
+                )
+                subs = [_submission(r) for r in await conn.execute(query)]
+                parent_ids = {p for s in subs for p in s.depends_on}
+                outcomes = await self._outcomes(conn, sorted(parent_ids))
+                for s in subs:
+                    parents = {p: outcomes.get(p, ParentOutcome(None)) for p in s.depends_on}
+                    result.append(Blocked(s, parents))
+        return result
+
+    async def _outcomes(
+        self, conn: AsyncConnection, ids: Sequence[str]
+    ) -> dict[str, ParentOutcome]:
+        found: dict[str, ParentOutcome] = {}
+        for part in _chunks(ids):
+            query = select(submissions.c.id, submissions.c.outcome, submissions.c.error_type).where(
+                submissions.c.id.in_(part)
+            )
+            for row in await conn.execute(query):
+                status = TaskStatus(row.outcome) if row.outcome else None
+                found[row.id] = ParentOutcome(status, row.error_type)
+        return found
+
+    async def release(
+        self, ids: Sequence[str], now: datetime
+    ) -> tuple[list[Submission], list[Submission]]:
+        """Atomically unblock these tasks: (to dispatch now — moved to `releasing`,
+        held until their due time — moved to `delayed`). Rows no longer blocked are skipped."""
+        if not ids:
+            return [], []
+        soon = now.timestamp() + HOLD_THRESHOLD_S
+        out: list[Submission] = []
+        later: list[Submission] = []
+        async with self.engine.begin() as conn:
+            for part in _chunks(sorted(set(ids))):
+                stmt = (
+                    update(submissions)
+                    .where(submissions.c.id.in_(part), submissions.c.state == BLOCKED)
+                    .values(state=RELEASING)
+                    .returning(*_ROW)
+                )
+                for row in await conn.execute(stmt):
+                    sub = _submission(row)
+                    (later if sub.run_at and sub.run_at.timestamp() > soon else out).append(sub)
+            if later:  # rarely both: put those not due yet back on hold
+                await conn.execute(
+                    update(submissions)
+                    .where(submissions.c.id.in_([s.id for s in later]))
+                    .values(state=DELAYED)
+                )
+        return out, later
+
+    async def end(self, endings: Sequence[Ending]) -> list[Submission]:
+        """Atomically move these blocked tasks to `failing` with their outcome recorded;
+        return the ones moved (rows no longer blocked are skipped)."""
+        moved: list[Submission] = []
+        if not endings:
+            return moved
+        async with self.engine.begin() as conn:
+            for e in endings:
+                stmt = (
+                    update(submissions)
+                    .where(submissions.c.id == e.id, submissions.c.state == BLOCKED)
+                    .values(
+                        state=FAILING,
+                        outcome=e.status.value,
+                        error_type=e.error_type,
+                        error_message=e.message,
+                    )
+                    .returning(*_ROW)
+                )
+                moved += [_submission(r) for r in await conn.execute(stmt)]
+        return moved
+
+    # kinds
 
     async def known_kinds(self) -> set[str]:
         """Every kind a worker has ever announced."""
@@ -147,3 +391,19 @@ class SubmissionStore:
         async with self.engine.begin() as conn:
             stmt = insert_for(self.engine, kinds).on_conflict_do_nothing(index_elements=["name"])
             await conn.execute(stmt, rows)
+
+
+__all__ = [
+    "BLOCKED",
+    "CLAIMED",
+    "DELAYED",
+    "DISPATCHED",
+    "ENDED",
+    "FAILING",
+    "RELEASING",
+    "Blocked",
+    "Ending",
+    "Existing",
+    "Submission",
+    "SubmissionStore",
+]

@@ -61,6 +61,8 @@ class TaskView(TaskSummary):
 
     result: JsonValue = None
     attempts: list[AttemptView]
+    run_at: datetime | None = None
+    depends_on: list[str] = []
 
 
 class TaskPageView(BaseModel):
@@ -162,7 +164,15 @@ def task_view(t: TaskRecord) -> TaskView:
         )
         for a in t.attempts
     ]
-    return TaskView.model_validate({**_summary_fields(t), "result": t.result, "attempts": history})
+    return TaskView.model_validate(
+        {
+            **_summary_fields(t),
+            "result": t.result,
+            "attempts": history,
+            "run_at": t.run_at,
+            "depends_on": list(t.depends_on),
+        }
+    )
 
 
 def _worker_stats(w: WorkerView) -> WorkerStatsView:

@@ -4,10 +4,12 @@ No I/O here. Records are frozen; every function returns the *same object* when a
 message changes nothing, so a caller learns what to write with ``is``. Applying
 a message twice is a no-op, because deliveries are at-least-once.
 
-Rules (status rank: pending < running = retrying < terminal):
+Rules (status rank: pending = blocked = delayed < running = retrying < terminal):
 
 - A status never moves backwards; accepted/started events that arrive late only
-  fill fields that are still missing.
+  fill fields that are still missing. Within rank 0 an announcement moves a task
+  only forward along blocked → delayed → pending: the scheduler announces a held
+  task `blocked` or `delayed`, then `pending` when it releases it.
 - A `started` event is fenced by attempt: a lower attempt than the record's, or
   an attempt that already ended (failed, lost), never takes the task back.
 - A `retrying` event marks its attempt `failed` and the task `retrying` until a
@@ -86,6 +88,8 @@ class TaskRecord:
     finished_at: datetime | None = None
     retry_at: datetime | None = None
     attempts: tuple[Attempt, ...] = ()
+    run_at: datetime | None = None
+    depends_on: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,9 +106,13 @@ class WorkerCounters:
         )
 
 
+#: Rank-0 statuses in the only order an announcement may move a task through them.
+_HELD_ORDER = {TaskStatus.BLOCKED: 0, TaskStatus.DELAYED: 1, TaskStatus.PENDING: 2}
+
+
 def rank(status: TaskStatus) -> int:
-    """Order of statuses: pending 0 < running = retrying 1 < any terminal 2."""
-    if status is TaskStatus.PENDING:
+    """Order of statuses: pending = blocked = delayed 0 < running = retrying 1 < terminal 2."""
+    if status in _HELD_ORDER:
         return 0
     if status in (TaskStatus.RUNNING, TaskStatus.RETRYING):
         return 1
@@ -147,25 +155,36 @@ def is_fenced(record: TaskRecord | None, attempt: int) -> bool:
 
 
 def apply_accepted(record: TaskRecord | None, item: AcceptedTask) -> TaskRecord:
-    """The scheduler queued the task: a new record is `pending`; a known one only gains
-    the fields it is missing (its status never moves back)."""
+    """The scheduler queued (`pending`) or held (`blocked`, `delayed`) the task: a new
+    record takes that status; a known one moves only forward within rank 0 (blocked →
+    delayed → pending: a release) and otherwise only gains the fields it is missing."""
+    status = TaskStatus(item.status)
     if record is None:
         return TaskRecord(
             id=item.id,
-            status=TaskStatus.PENDING,
+            status=status,
             kind=item.kind,
             pool=item.pool,
             correlation_id=item.correlation_id,
             submitted_at=item.submitted_at,
+            run_at=item.run_at,
+            depends_on=tuple(item.depends_on),
         )
+    if record.status in _HELD_ORDER and _HELD_ORDER[status] > _HELD_ORDER[record.status]:
+        record_status = status
+    else:
+        record_status = record.status
     return _keep(
         record,
         replace(
             record,
+            status=record_status,
             kind=record.kind or item.kind,
             pool=record.pool or item.pool,
             correlation_id=record.correlation_id or item.correlation_id,
             submitted_at=record.submitted_at or item.submitted_at,
+            run_at=record.run_at or item.run_at,
+            depends_on=record.depends_on or tuple(item.depends_on),
         ),
     )
 

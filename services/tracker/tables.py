@@ -77,6 +77,8 @@ tasks = Table(
     Column("started_at", UtcDateTime),
     Column("finished_at", UtcDateTime, index=True),
     Column("retry_at", UtcDateTime),
+    Column("run_at", UtcDateTime),  # a delayed task's due time
+    Column("depends_on", JSON),  # the ids a blocked task waits for
 )
 
 attempts = Table(
@@ -160,6 +162,8 @@ def task_row(record: TaskRecord) -> dict[str, Any]:
         "started_at": record.started_at,
         "finished_at": record.finished_at,
         "retry_at": record.retry_at,
+        "run_at": record.run_at,
+        "depends_on": list(record.depends_on) or None,
     }
 
 
@@ -213,6 +217,8 @@ def to_task(row: Row[Any], history: tuple[Attempt, ...] = ()) -> TaskRecord:
         finished_at=row.finished_at,
         retry_at=row.retry_at,
         attempts=history,
+        run_at=row.run_at,
+        depends_on=tuple(row.depends_on or ()),
     )
 
 

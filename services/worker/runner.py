@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import random
 import socket
@@ -25,9 +26,9 @@ from datetime import timedelta
 from enum import Enum
 from typing import Any
 
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from loguru import logger
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from leveret import __version__
 from leveret.amqp import (
@@ -42,37 +43,41 @@ from leveret.amqp import (
 )
 from leveret.contracts import (
     FENCED_MARKER,
-    REPLY_PROGRESS,
     REPLY_RESULT,
+    CancelTask,
     StartedTask,
+    TaskError,
     TaskMessage,
-    TaskProgress,
     TaskResult,
     TaskRetrying,
-    TasksStarted,
     TaskStatus,
     WorkerHeartbeat,
     WorkerInfo,
     WorkerStarted,
     WorkerStopped,
+    decode_event,
     utcnow,
 )
 from leveret.errors import BrokerError, PublishError
-from leveret.handlers import ProgressReporter, Registry, TaskContext
+from leveret.handlers import Registry, TaskContext
 from leveret.settings import WorkerSettings
 from leveret.topology import (
     RK_SCHEDULER_STARTED,
-    RK_TASK_PROGRESS,
     RK_TASK_RETRYING,
-    RK_TASKS_STARTED,
     RK_WORKER_HEARTBEAT,
     RK_WORKER_STARTED,
     RK_WORKER_STOPPED,
+    Band,
     DeclaredTopology,
     result_routing_key,
 )
 from leveret.worker.execution import Executor, Outcome, failure, retry_delay_s
+from leveret.worker.gate import BandGate
+from leveret.worker.limits import StartPacer, kind_limits
+from leveret.worker.reports import Reports
 
+#: What ends a session attempt early; the worker backs off and starts a new one.
+SESSION_ERRORS: tuple[type[Exception], ...] = (BrokerError, *BROKER_EXCEPTIONS)
 #: Why an outcome may not be confirmed; the delivery then goes back to the queue.
 UNCONFIRMED: tuple[type[Exception], ...] = (PublishError, *BROKER_EXCEPTIONS)
 
@@ -100,6 +105,8 @@ class Worker:
             pool=settings.pool,
             concurrency=settings.concurrency,
             kinds=registry.kinds(),
+            capabilities=settings.capabilities,
+            limits=kind_limits(registry, settings),
             version=__version__,
         )
         self.completed = 0
@@ -107,10 +114,17 @@ class Worker:
         self.retried = 0
         self._executor = Executor(registry, settings.concurrency)
         self._in_flight: dict[str, asyncio.Task[Any]] = {}
-        self._unreported: dict[str, StartedTask] = {}
-        self._progress: dict[str, tuple[TaskMessage, TaskProgress]] = {}
+        self._reports = Reports(settings.topology, settings.started_flush_ms / 1000)
+        self._pacers = {
+            kind: StartPacer(limit.max_starts_per_s)
+            for kind, limit in self.info.limits.items()
+            if limit.max_starts_per_s
+        }
+        self._gate = BandGate(settings.concurrency)
+        self._attempts: dict[str, asyncio.Task[Outcome]] = {}
+        self._cancelled: dict[str, str] = {}  # task id -> reason, from the cancellations stream
+        self._holding: set[asyncio.Task[Any]] = set()  # deliveries waiting or running
         self._declared: DeclaredTopology | None = None
-        self._events: AbstractChannel | None = None
         self._rng = random.Random()
 
     @property
@@ -123,12 +137,21 @@ class Worker:
     async def run(self, stop: asyncio.Event, *, ready: asyncio.Event | None = None) -> None:
         """Work in sessions until `stop` is set."""
         try:
+            failures = 0
             while not stop.is_set():
                 try:
                     end = await self._session(stop, ready)
-                except BrokerError as exc:
-                    logger.warning("worker {} cannot reach the broker: {}", self.id, exc)
+                except SESSION_ERRORS as exc:
+                    # e.g. a restarted broker whose queues are not all back yet
+                    failures += 1
+                    backoff = min(0.2 * 2**failures, 5.0)
+                    logger.warning(
+                        "worker {} session failed ({}); retrying in {:.1f} s", self.id, exc, backoff
+                    )
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), backoff)
                     continue
+                failures = 0
                 if end is SessionEnd.STOPPED:
                     break
                 if end is SessionEnd.FENCED:
@@ -170,16 +193,15 @@ class Worker:
         try:
             publish_channel = await open_channel(connection)
             self._declared = await s.topology.declare(publish_channel)
-            queue = await self._declared.declare_pool(s.pool)
-            self._events = await connection.channel(publisher_confirms=False)
-            work_channel = await open_channel(connection, prefetch=s.concurrency)
-            work_queue = await work_channel.get_queue(queue.name)
+            events = await connection.channel(publisher_confirms=False)
+            self._reports.attach(events, publish_channel)
             await self._listen_for_schedulers(connection)
+            await self._listen_for_cancellations(connection)
             await self._announce()
             async with asyncio.TaskGroup() as group:
                 beats = group.create_task(self._heartbeats(), name="heartbeats")
-                flusher = group.create_task(self._report(), name="reports")
-                tag = await work_queue.consume(self.on_message)
+                flusher = group.create_task(self._reports.run(lambda: self.id), name="reports")
+                consumers = await self._consume(connection)
                 logger.info(
                     "worker {} ready: pool {}, concurrency {}, kinds {}",
                     self.id,
@@ -194,16 +216,39 @@ class Worker:
                     end = self._abandon(reasons)
                 else:
                     end = SessionEnd.STOPPED
-                    await self._drain(work_queue, tag)
+                    await self._drain(consumers)
                 beats.cancel()
                 flusher.cancel()
             if end is SessionEnd.STOPPED:
-                await self._publish_event(RK_WORKER_STOPPED, WorkerStopped(worker=self.id))
+                await self._reports.publish(RK_WORKER_STOPPED, WorkerStopped(worker=self.id))
             return end
         finally:
             connection.close_callbacks.discard(on_close)
             with contextlib.suppress(*BROKER_EXCEPTIONS):
                 await connection.close()
+
+    async def _consume(self, connection: AbstractRobustConnection) -> list[tuple[Any, str]]:
+        """Consume the pool's three band queues and the queues of limited kinds."""
+        assert self._declared is not None
+        s = self.settings
+        consumers = []
+        bands = await self._declared.declare_pool(s.pool)
+        for band, queue in bands.items():
+            # One channel per band: its own prefetch, so high work is never stuck
+            # behind a full window of low work.
+            channel = await open_channel(connection, prefetch=s.concurrency)
+            band_queue = await channel.get_queue(queue.name)
+            tag = await band_queue.consume(functools.partial(self.on_message, band, None))
+            consumers.append((band_queue, tag))
+        for kind, limit in self.info.limits.items():
+            queue = await self._declared.declare_limited(s.pool, kind)
+            # The broker lets one worker at a time consume this queue; its prefetch is
+            # the cluster-wide cap on attempts of the kind running at once.
+            channel = await open_channel(connection, prefetch=limit.max_running or s.concurrency)
+            limited = await channel.get_queue(queue.name)
+            on_message = functools.partial(self.on_message, Band.NORMAL, self._pacers.get(kind))
+            consumers.append((limited, await limited.consume(on_message)))
+        return consumers
 
     def _abandon(self, reasons: list[str]) -> SessionEnd:
         """The connection is gone: its deliveries were requeued, so stop their attempts."""
@@ -215,14 +260,22 @@ class Worker:
             reason,
             len(self._in_flight),
         )
-        for task in self._in_flight.values():
+        for task in self._holding:
             task.cancel()
         return SessionEnd.FENCED if fenced else SessionEnd.LOST
 
-    async def _drain(self, queue: Any, tag: str) -> None:
-        """Stop taking work; let in-flight tasks finish within the grace period."""
-        await queue.cancel(tag)
-        pending = list(self._in_flight.values())
+    async def _drain(self, consumers: list[tuple[Any, str]]) -> None:
+        """Stop taking work; let running tasks finish within the grace period and give
+        back at once what waits for a slot."""
+        for queue, tag in consumers:
+            await queue.cancel(tag)
+        running = set(self._in_flight.values())
+        waiting = [t for t in self._holding if t not in running]
+        for t in waiting:
+            t.cancel()
+        if waiting:
+            await asyncio.wait(waiting)
+        pending = list(running)
         logger.info("worker stopping: {} tasks in flight", len(pending))
         if pending:
             _, late = await asyncio.wait(pending, timeout=self.settings.grace_period_s)
@@ -245,7 +298,7 @@ class Worker:
         await queue.consume(on_event, no_ack=True)
 
     async def _announce(self) -> None:
-        await self._publish_event(RK_WORKER_STARTED, WorkerStarted(worker=self.info))
+        await self._reports.publish(RK_WORKER_STARTED, WorkerStarted(worker=self.info))
 
     async def _heartbeats(self) -> None:
         while True:
@@ -255,81 +308,50 @@ class Worker:
                 completed=self.completed,
                 failed=self.failed,
             )
-            await self._publish_event(RK_WORKER_HEARTBEAT, beat)
+            await self._reports.publish(RK_WORKER_HEARTBEAT, beat)
             await asyncio.sleep(self.settings.heartbeat_interval_s)
-
-    async def _report(self) -> None:
-        """Every interval: `running` for tasks still in flight (one event for all), and
-        the latest progress of each task that reported some.
-
-        Tasks that finish before the next flush are never reported as started on
-        their own: their result carries `started_at`, which saves a message per task.
-        Progress is coalesced the same way: only the latest report per task goes out.
-        """
-        interval = self.settings.started_flush_ms / 1000
-        while True:
-            await asyncio.sleep(interval)
-            if self._unreported:
-                batch, self._unreported = list(self._unreported.values()), {}
-                started = TasksStarted(worker=self.id, tasks=batch)
-                await self._publish_event(RK_TASKS_STARTED, started)
-            if self._progress:
-                reports, self._progress = list(self._progress.values()), {}
-                for task, event in reports:
-                    await self._relay_progress(task, event)
-
-    def _progress_reporter(self, task: TaskMessage, attempt: int) -> ProgressReporter:
-        def report(fraction: float | None, message: str | None) -> None:
-            if task.id in self._in_flight:  # late reports of a finished attempt are dropped
-                event = TaskProgress(
-                    id=task.id, attempt=attempt, worker=self.id, fraction=fraction, message=message
-                )
-                self._progress[task.id] = (task, event)
-
-        return report
-
-    async def _relay_progress(self, task: TaskMessage, event: TaskProgress) -> None:
-        await self._publish_event(RK_TASK_PROGRESS, event)
-        if task.reply_to and self._declared is not None:
-            reply = json_message(
-                event,
-                persistent=False,
-                correlation_id=task.correlation_id or task.id,
-                type_=REPLY_PROGRESS,
-            )
-            await send_reply(self._declared.channel, task.reply_to, reply)
-
-    async def _publish_event(self, routing_key: str, event: BaseModel) -> None:
-        """Fire-and-forget events (heartbeats, started): losing one is harmless."""
-        if self._events is None:
-            return
-        try:
-            exchange = await self._events.get_exchange(
-                self.settings.topology.events_exchange, ensure=False
-            )
-            await exchange.publish(json_message(event, persistent=False), routing_key)
-        except BROKER_EXCEPTIONS as exc:
-            logger.warning("event {} not sent: {}", routing_key, exc)
 
     # --- one delivery ----------------------------------------------------------------------
 
-    async def on_message(self, message: AbstractIncomingMessage) -> None:
-        """Run one attempt and settle its delivery once its outcome is confirmed."""
+    async def on_message(
+        self, band: Band, pacer: StartPacer | None, message: AbstractIncomingMessage
+    ) -> None:
+        """Wait for a slot (by band weight; and for the kind's start rate if limited),
+        run one attempt, and settle the delivery once its outcome is confirmed."""
         try:
             task = TaskMessage.model_validate_json(message.body)
         except ValidationError as exc:
             logger.error("undecodable work message {} dead-lettered: {}", message.message_id, exc)
             await message.reject(requeue=False)
             return
+        current = asyncio.current_task()
+        assert current is not None
+        self._holding.add(current)
+        try:
+            try:
+                if pacer is not None:
+                    await pacer.wait()
+                await self._gate.enter(band)
+            except asyncio.CancelledError:
+                await _return_to_queue(message)
+                raise
+            try:
+                await self._run(task, message)
+            finally:
+                self._gate.leave()
+        finally:
+            self._holding.discard(current)
+
+    async def _run(self, task: TaskMessage, message: AbstractIncomingMessage) -> None:
         attempt = task.attempt_offset + delivery_count(message) + 1
         current = asyncio.current_task()
         assert current is not None
         self._in_flight[task.id] = current
         started_at = utcnow()
-        self._unreported[task.id] = StartedTask(id=task.id, attempt=attempt, started_at=started_at)
+        self._reports.started(StartedTask(id=task.id, attempt=attempt, started_at=started_at))
         try:
             with logger.contextualize(task_id=task.id, attempt=attempt, worker=self.id):
-                outcome = await self._attempt(task, attempt)
+                outcome = await self._attempt_unless_cancelled(task, attempt)
                 await self._settle(task, attempt, started_at, outcome, message)
         except asyncio.CancelledError:
             await _return_to_queue(message)
@@ -339,8 +361,51 @@ class Worker:
             await _return_to_queue(message)
         finally:
             self._in_flight.pop(task.id, None)
-            self._unreported.pop(task.id, None)
-            self._progress.pop(task.id, None)
+            self._reports.finished(task.id)
+
+    async def _attempt_unless_cancelled(self, task: TaskMessage, attempt: int) -> Outcome:
+        """Run the attempt as its own task, so a `task.cancel` can stop just the attempt
+        (its delivery is then settled as `cancelled`, not returned to the queue)."""
+        reason = self._cancelled.get(task.id)
+        if reason is not None:
+            return Outcome(TaskStatus.CANCELLED, None, TaskError(type="cancelled", message=reason))
+        job = asyncio.ensure_future(self._attempt(task, attempt))
+        self._attempts[task.id] = job
+        try:
+            return await job
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            reason = self._cancelled.get(task.id)
+            if reason is None or (current is not None and current.cancelling()):
+                raise  # the worker is stopping or lost its connection: not a cancellation
+            logger.info("task {} cancelled while running: {}", task.id, reason)
+            return Outcome(TaskStatus.CANCELLED, None, TaskError(type="cancelled", message=reason))
+        finally:
+            self._attempts.pop(task.id, None)
+
+    async def _listen_for_cancellations(self, connection: AbstractRobustConnection) -> None:
+        """Read every `task.cancel` of the retention window (a stream), then follow it."""
+        channel = await connection.channel(publisher_confirms=False)
+        await channel.set_qos(prefetch_count=500)  # streams need a prefetch
+        stream = await channel.get_queue(self.settings.topology.cancellations.name)
+
+        async def on_cancel(message: AbstractIncomingMessage) -> None:
+            try:
+                command = decode_event(message.body)
+            except ValidationError as exc:
+                logger.warning("ignoring a malformed cancellation: {}", exc)
+            else:
+                if isinstance(command, CancelTask):
+                    self._cancel(command)
+            await message.ack()
+
+        await stream.consume(on_cancel, arguments={"x-stream-offset": "first"})
+
+    def _cancel(self, command: CancelTask) -> None:
+        self._cancelled[command.id] = command.reason
+        job = self._attempts.get(command.id)
+        if job is not None:
+            job.cancel()
 
     async def _attempt(self, task: TaskMessage, attempt: int) -> Outcome:
         handler = self.registry.get(task.kind)
@@ -352,7 +417,9 @@ class Worker:
             worker_id=self.id,
             submitted_at=task.submitted_at,
             timeout_s=task.timeout_s or (handler.timeout_s if handler else None),
-            reporter=self._progress_reporter(task, attempt),
+            reporter=self._reports.reporter(
+                task, attempt, self.id, lambda: task.id in self._in_flight
+            ),
         )
         logger.debug("task {} attempt {} started ({})", task.id, attempt, task.kind)
         return await self._executor.run(task, ctx)
@@ -369,7 +436,9 @@ class Worker:
         retry = retry_delay_s(task, handler, attempt, outcome, self._rng)
         if retry is not None and outcome.error is not None:
             step, delay = retry
-            await self._retry_later(task, attempt, started_at, outcome, step, delay)
+            # Back to the same work queue it came from (band or limited-kind queue).
+            key = message.routing_key or task.pool
+            await self._retry_later(task, attempt, started_at, outcome, (step, delay), key)
             await message.ack()
             self.retried += 1
             logger.info(
@@ -389,7 +458,9 @@ class Worker:
         else:
             self.failed += 1
             err = result.error
-            logger.info("task {} failed: {}: {}", task.id, err and err.type, err and err.message)
+            logger.info(
+                "task {} {}: {}: {}", task.id, result.status, err and err.type, err and err.message
+            )
 
     async def _retry_later(
         self,
@@ -397,10 +468,11 @@ class Worker:
         attempt: int,
         started_at: Any,
         outcome: Outcome,
-        step: int,
-        delay: float,
+        backoff: tuple[int, float],
+        routing_key: str,
     ) -> None:
-        """Park the task in the broker for `delay` seconds; announce `retrying`."""
+        """Park the task in the broker for the drawn delay; announce `retrying`."""
+        step, delay = backoff
         assert self._declared is not None and outcome.error is not None
         topo = self.settings.topology
         again = task.model_copy(update={"attempt_offset": attempt})
@@ -417,7 +489,7 @@ class Worker:
         )
         await publish_all(
             [
-                Outgoing(self._declared.exchange(topo.retry_exchange(step)), task.pool, parked),
+                Outgoing(await self._declared.declare_retry(step), routing_key, parked),
                 Outgoing(
                     self._declared.exchange(topo.events_exchange),
                     RK_TASK_RETRYING,

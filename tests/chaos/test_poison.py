@@ -41,7 +41,9 @@ async def test_poison_task_is_dead_lettered_and_reported(cluster: Cluster) -> No
             if not worker.alive():
                 assert worker.proc.returncode == 17
                 crashes += 1
-                worker = await asyncio.to_thread(cluster.start_worker, f"p{crashes + 1}", *args)
+                # Not start_worker: it waits for "ready", and this one may die first.
+                name = f"p{crashes + 1}"
+                worker = cluster.spawn(name, "worker", "--worker-id", name, *args)
             await asyncio.wait([outcome], timeout=0.1)
         result = outcome.result()
         if crashes <= WORK_DELIVERY_LIMIT:

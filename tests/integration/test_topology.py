@@ -20,8 +20,12 @@ async def test_declaring_twice_succeeds_and_delete_removes_everything(
         first = await topology.declare(channel)
         await first.declare_pool("default")
         second = await topology.declare(channel)  # another service starting: same arguments
-        queue = await second.declare_pool("default")
-        assert queue.name == f"{namespace}.work.default"
+        queues = await second.declare_pool("default")
+        assert {q.name for q in queues.values()} == {
+            f"{namespace}.work.default",
+            f"{namespace}.work.default.high",
+            f"{namespace}.work.default.low",
+        }
         await delete_namespace(channel, topology, ["default"])
         check = await connection.channel()
         with pytest.raises(Exception, match="NOT_FOUND"):

@@ -28,6 +28,7 @@ from leveret.contracts import (
     TaskError,
     TaskResult,
     TasksAccepted,
+    TaskStatus,
     WorkerHeartbeat,
     WorkerInfo,
     utcnow,
@@ -289,15 +290,7 @@ async def test_heartbeat_registers_worker_and_stats_cover_every_status(tracker: 
     await tracker.publish_result(task_result("t-4", worker="w-hb"))
     await tracker.task_with("t-4", "completed")
     stats = (await tracker.http.get("/stats")).json()
-    assert set(stats["counts"]) == {
-        "pending",
-        "running",
-        "retrying",
-        "completed",
-        "failed",
-        "cancelled",
-        "rejected",
-    }
+    assert set(stats["counts"]) == {status.value for status in TaskStatus}
     assert stats["counts"]["completed"] == 1 and stats["total"] == 1
     assert stats["throughput"]["last_60s"] > 0
     assert stats["latency_s"]["p50"] == pytest.approx(2.0, abs=0.1)

@@ -50,7 +50,7 @@ def test_unknown_kind_lists_known_ones() -> None:
 
 def test_reserved_fields_are_refused_until_supported() -> None:
     with pytest.raises(SubmissionError) as info:
-        check_supported(SubmitTask(kind="echo", depends_on=["a"]), KindCatalog())
+        check_supported(SubmitTask(kind="echo", requires=["gpu"]), KindCatalog())
     assert info.value.code == "unsupported"
 
 

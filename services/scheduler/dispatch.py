@@ -1,0 +1,122 @@
+"""Publishing for the scheduler: work messages, `tasks.accepted` events, and the results
+of tasks that end without running (a parent did not complete).
+
+Admission, the delayed-task releaser and the dependency resolver all publish
+through one :class:`Dispatcher`, so a task released later goes out exactly as one
+admitted at once: its work message plus a `tasks.accepted` event (`pending`).
+Every publish waits for its broker confirm, in batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence, Set
+from typing import Literal
+
+from loguru import logger
+
+from leveret.amqp import Outgoing, json_message, publish_all, send_reply
+from leveret.contracts import AcceptedTask, TaskError, TaskResult, TasksAccepted, utcnow
+from leveret.scheduler.store import Ending, Submission
+from leveret.topology import (
+    RK_TASKS_ACCEPTED,
+    DeclaredTopology,
+    band_of,
+    limited_key,
+    result_routing_key,
+    work_key,
+)
+
+_EVENT_CHUNK = 500
+
+Announced = Literal["pending", "delayed", "blocked"]
+
+
+class Dispatcher:
+    """Publishes on the declared topology, waiting for every confirm."""
+
+    def __init__(self, declared: DeclaredTopology, *, limited: Set[str] = frozenset()) -> None:
+        self.declared = declared
+        self.limited = limited  # kinds with a cluster-wide limit (updated as workers announce)
+
+    async def send(
+        self,
+        dispatch: Sequence[Submission],
+        held: Sequence[tuple[Submission, Announced]] = (),
+    ) -> None:
+        """Publish the work messages of `dispatch` and one `tasks.accepted` event per chunk
+        announcing them `pending` and each of `held` with its own status."""
+        if not dispatch and not held:
+            return
+        topo = self.declared.topology
+        work = self.declared.exchange(topo.work_exchange)
+        events = self.declared.exchange(topo.events_exchange)
+        items: list[Outgoing] = []
+        for s in dispatch:
+            t = s.message
+            message = json_message(t, message_id=t.id, correlation_id=t.correlation_id or t.id)
+            if t.kind in self.limited:
+                await self.declared.declare_limited(t.pool, t.kind)
+                key = limited_key(t.pool, t.kind)
+            else:
+                await self.declared.declare_pool(t.pool)
+                key = work_key(t.pool, band_of(t.priority))
+            items.append(Outgoing(work, key, message))
+        announced: list[tuple[Submission, Announced]] = [(s, "pending") for s in dispatch]
+        announced += held
+        for start in range(0, len(announced), _EVENT_CHUNK):
+            event = TasksAccepted(
+                tasks=[
+                    _accepted(s, status) for s, status in announced[start : start + _EVENT_CHUNK]
+                ]
+            )
+            items.append(Outgoing(events, RK_TASKS_ACCEPTED, json_message(event)))
+        await publish_all(items)
+        for s, status in announced:
+            logger.debug("task {} {} ({} on pool {})", s.id, status, s.message.kind, s.message.pool)
+
+    async def end(self, endings: Sequence[tuple[Submission, Ending]]) -> None:
+        """Publish the result of each task that ends without running, on the results
+        exchange and to its producer's `reply_to`."""
+        if not endings:
+            return
+        topo = self.declared.topology
+        results = self.declared.exchange(topo.results_exchange)
+        items: list[Outgoing] = []
+        replies = []
+        now = utcnow()
+        for s, e in endings:
+            t = s.message
+            result = TaskResult(
+                id=t.id,
+                kind=t.kind,
+                pool=t.pool,
+                status=e.status,
+                error=TaskError(type=e.error_type, message=e.message),
+                submitted_at=t.submitted_at,
+                finished_at=now,
+            )
+            corr = t.correlation_id or t.id
+            key = result_routing_key(e.status.value, t.pool, t.kind)
+            items.append(Outgoing(results, key, json_message(result, correlation_id=corr)))
+            if t.reply_to:
+                reply = json_message(result, persistent=False, correlation_id=corr)
+                replies.append((t.reply_to, reply))
+        await publish_all(items)
+        for reply_to, reply in replies:
+            await send_reply(self.declared.channel, reply_to, reply)
+        for s, e in endings:
+            logger.bind(task_id=s.id).info("task {} {}: {}", s.id, e.status.value, e.message)
+
+
+def _accepted(s: Submission, status: Announced) -> AcceptedTask:
+    t = s.message
+    return AcceptedTask(
+        id=t.id,
+        kind=t.kind,
+        pool=t.pool,
+        submitted_at=t.submitted_at,
+        correlation_id=t.correlation_id,
+        status=status,
+        run_at=s.run_at,
+        depends_on=list(s.depends_on),
+    )

@@ -1,0 +1,175 @@
+"""The scheduler's view of how tasks end: its own queue on the results exchange.
+
+Every result flows through ``<namespace>.scheduler.outcomes`` (a durable quorum
+queue bound with ``#``), so outcomes published while the scheduler is down wait
+there. Deliveries are taken in batches: ONE store transaction records the
+terminal outcome of each task the store knows (the first one wins; unknown ids
+cost an UPDATE that matches nothing), and returns the blocked tasks waiting for
+those ids, which the :class:`~leveret.scheduler.dependencies.Resolver` then
+releases or ends. The batch is acked (``multiple=True``) only after the commit
+and the resolution; an undecodable delivery is rejected, so the queue
+dead-letters it, never acked and forgotten.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
+from loguru import logger
+from pydantic import ValidationError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from tenacity import AsyncRetrying, retry_if_exception, wait_exponential_jitter
+
+from leveret.amqp import BROKER_EXCEPTIONS, open_channel
+from leveret.contracts import TaskResult, TaskStatus
+from leveret.scheduler.dependencies import Resolver
+from leveret.scheduler.store import SubmissionStore
+from leveret.topology import Topology
+
+#: Outcomes that end a parent. `rejected` is not one: the scheduler publishes it for
+#: a refused submission, which never reached the store, and a second, refused copy
+#: of a known id must not end the task the first copy made.
+RECORDED = frozenset({TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED})
+
+#: Deliveries of one outcome message before it is dead-lettered (a crash loop).
+OUTCOMES_DELIVERY_LIMIT = 5
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for database failures worth waiting out (unreachable, locked, connection lost)."""
+    if isinstance(exc, OperationalError | InterfaceError):
+        return True
+    if isinstance(exc, DBAPIError):
+        return exc.connection_invalidated
+    return isinstance(exc, OSError | TimeoutError)
+
+
+class Outcomes:
+    """Consumes the outcomes queue in batches; see the module docstring for acks."""
+
+    def __init__(
+        self,
+        store: SubmissionStore,
+        resolver: Resolver,
+        topology: Topology,
+        *,
+        prefetch: int = 1000,
+        batch_max: int = 500,
+        batch_wait_ms: float = 5.0,
+    ) -> None:
+        self.store = store
+        self.resolver = resolver
+        self.topology = topology
+        self.prefetch = prefetch
+        self.batch_max = batch_max
+        self.batch_wait_s = batch_wait_ms / 1000
+        self.recorded = 0
+        self._buffer: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+        self._channel: AbstractChannel | None = None
+        self._queue: AbstractQueue | None = None
+        self._tag: str | None = None
+
+    async def start(self, connection: AbstractRobustConnection) -> None:
+        """Declare and bind the queue, and start consuming it."""
+        self._channel = await open_channel(connection, prefetch=self.prefetch)
+        self._queue = await self.topology.scheduler_outcomes.declare(self._channel)
+        results = await self._channel.get_exchange(self.topology.results_exchange)
+        await self._queue.bind(results, "#")
+        self._tag = await self._queue.consume(self._on_message)
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        self._buffer.put_nowait(message)
+
+    async def stop(self) -> None:
+        """Stop consuming and close the channel (unacked deliveries are redelivered)."""
+        if self._queue is not None and self._tag is not None:
+            with contextlib.suppress(*BROKER_EXCEPTIONS):
+                await self._queue.cancel(self._tag)
+        if self._channel is not None and not self._channel.is_closed:
+            with contextlib.suppress(*BROKER_EXCEPTIONS):
+                await self._channel.close()
+
+    async def run(self) -> None:
+        """Process batches forever (cancel to stop)."""
+        while True:
+            await self._process(await self._next_batch())
+
+    async def _next_batch(self) -> list[AbstractIncomingMessage]:
+        batch = [await self._buffer.get()]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.batch_wait_s
+        while len(batch) < self.batch_max:
+            if self._buffer.empty():
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    async with asyncio.timeout(remaining):
+                        batch.append(await self._buffer.get())
+                except TimeoutError:
+                    break
+            else:
+                batch.append(self._buffer.get_nowait())
+        return batch
+
+    async def _process(self, batch: list[AbstractIncomingMessage]) -> None:
+        outcomes: list[tuple[str, str, str | None]] = []
+        kept: list[AbstractIncomingMessage] = []
+        for delivery in batch:
+            try:
+                result = TaskResult.model_validate_json(delivery.body)
+            except ValidationError as exc:
+                logger.warning("outcome {} dead-lettered: {}", delivery.message_id, exc)
+                with contextlib.suppress(*BROKER_EXCEPTIONS):
+                    await delivery.reject(requeue=False)
+                continue
+            kept.append(delivery)
+            if result.status in RECORDED:
+                error = result.error.type if result.error is not None else None
+                outcomes.append((result.id, str(result.status), error))
+        try:
+            waiting = await self._record(outcomes)
+            if waiting:
+                await self.resolver.resolve(waiting)
+        except Exception:  # loop boundary: give the batch back; the delivery limit counts
+            logger.exception("recording {} outcomes failed; returning them", len(kept))
+            for delivery in kept:
+                with contextlib.suppress(Exception):
+                    await delivery.reject(requeue=True)
+            return
+        self.recorded += len(outcomes)
+        await _ack(kept)
+
+    async def _record(self, outcomes: list[tuple[str, str, str | None]]) -> list[str]:
+        """Record in one transaction, waiting out transient database failures."""
+        async for attempt in AsyncRetrying(
+            wait=wait_exponential_jitter(multiplier=0.05, max=5.0, jitter=0.2),
+            retry=retry_if_exception(is_transient),
+            before_sleep=lambda s: logger.warning(
+                "recording outcomes failed, retrying: {}", s.outcome and s.outcome.exception()
+            ),
+            reraise=True,
+        ):
+            with attempt:
+                return await self.store.record_outcomes(outcomes)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
+async def _ack(done: list[AbstractIncomingMessage]) -> None:
+    """One ``ack(multiple=True)`` per channel, on its last delivery."""
+    last: dict[int, Any] = {}
+    for delivery in done:
+        last[id(delivery.channel)] = delivery
+    for delivery in last.values():
+        try:
+            await delivery.ack(multiple=True)
+        except BROKER_EXCEPTIONS as exc:
+            logger.warning("ack not sent (the broker will redeliver): {}", exc)

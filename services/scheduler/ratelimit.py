@@ -1,0 +1,74 @@
+"""Per-client submission limits for the HTTP API: a token bucket per client.
+
+A client is identified by its ``X-Client-Id`` header when it sends one, else by
+its address. Each submitted *task* costs one token (a batch of 500 costs 500), so
+batching does not dodge the limit. When a bucket is empty the API answers 429
+with ``Retry-After`` (whole seconds until enough tokens are back) and accepts
+nothing from that request. Buckets live in the scheduler's memory: with several
+scheduler replicas each enforces its own share.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass
+class _Bucket:
+    tokens: float
+    stamp: float
+
+
+class RateLimiter:
+    """Token buckets: `rate_per_s` tokens per second, up to `burst`, per client."""
+
+    def __init__(
+        self,
+        rate_per_s: float,
+        burst: float,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        max_clients: int = 100_000,
+    ) -> None:
+        self.rate = rate_per_s
+        self.burst = max(burst, 1.0)
+        self.clock = clock
+        self.max_clients = max_clients
+        self._buckets: dict[str, _Bucket] = {}
+
+    @property
+    def enabled(self) -> bool:
+        """False when the rate is 0 (no limit)."""
+        return self.rate > 0
+
+    def take(self, client: str, cost: float = 1.0) -> float:
+        """Take `cost` tokens; return 0 if granted, else seconds until they would be."""
+        if not self.enabled:
+            return 0.0
+        now = self.clock()
+        bucket = self._buckets.get(client)
+        if bucket is None:
+            if len(self._buckets) >= self.max_clients:
+                self._forget_full(now)
+            bucket = self._buckets[client] = _Bucket(self.burst, now)
+        bucket.tokens = min(self.burst, bucket.tokens + (now - bucket.stamp) * self.rate)
+        bucket.stamp = now
+        if cost > self.burst:
+            return math.inf  # can never be granted: the request is larger than the burst
+        if bucket.tokens >= cost:
+            bucket.tokens -= cost
+            return 0.0
+        return (cost - bucket.tokens) / self.rate
+
+    def _forget_full(self, now: float) -> None:
+        """Drop clients whose buckets have refilled: they carry no state worth keeping."""
+        full = [
+            key
+            for key, b in self._buckets.items()
+            if b.tokens + (now - b.stamp) * self.rate >= self.burst
+        ]
+        for key in full:
+            del self._buckets[key]

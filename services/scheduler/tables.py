@@ -1,0 +1,48 @@
+"""The scheduler store's tables and row states (see :mod:`leveret.scheduler.store`)."""
+
+from __future__ import annotations
+
+from sqlalchemy import Column, DateTime, Index, MetaData, String, Table, Text
+
+from leveret.db import UtcDateTime
+
+CLAIMED = "claimed"
+DISPATCHED = "dispatched"
+DELAYED = "delayed"
+BLOCKED = "blocked"
+RELEASING = "releasing"
+FAILING = "failing"
+ENDED = "ended"
+
+metadata = MetaData()
+
+submissions = Table(
+    "submissions",
+    metadata,
+    Column("id", String(200), primary_key=True),
+    Column("state", String(16), nullable=False, index=True),
+    Column("envelope", Text, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("run_at", UtcDateTime),
+    Column("depends_on", Text),  # JSON list of parent ids
+    Column("outcome", String(16)),  # the first terminal status heard of
+    Column("error_type", String(200)),
+    Column("error_message", Text),  # why a task ended without running (dependency)
+)
+# The releaser's query: delayed rows by due time.
+Index("ix_submissions_state_run_at", submissions.c.state, submissions.c.run_at)
+
+edges = Table(
+    "edges",
+    metadata,
+    Column("parent", String(200), primary_key=True),
+    Column("child", String(200), primary_key=True),
+    Index("ix_edges_child", "child"),
+)
+
+kinds = Table(
+    "kinds",
+    metadata,
+    Column("name", String(128), primary_key=True),
+    Column("first_seen", DateTime(timezone=True), nullable=False),
+)
