@@ -63,7 +63,13 @@ class SchedulerSettings(CommonSettings):
         default=None, description="The scheduler's own store; SQLite in data_dir by default."
     )
     max_payload_bytes: int = Field(default=MIB, ge=1)
-    intake_prefetch: int = Field(default=512, ge=1)
+    intake_prefetch: int = Field(
+        default=512, ge=1, description="AMQP back-pressure: submissions held unacked at once."
+    )
+    http_rate_per_s: float = Field(
+        default=0.0, ge=0, description="Per-client HTTP submission rate, tasks/s (0: no limit)."
+    )
+    http_burst: int = Field(default=1000, ge=1, description="Per-client HTTP burst, tasks.")
     batch_max: int = Field(default=256, ge=1)
     batch_wait_ms: float = Field(default=2.0, ge=0)
     kinds: Annotated[list[str], NoDecode] = Field(

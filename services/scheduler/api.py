@@ -10,6 +10,7 @@ means it is durably in the scheduler's store.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -34,6 +35,7 @@ from leveret.scheduler.admission import (
     submission,
 )
 from leveret.scheduler.cancel import CancelAnswer, request_cancel
+from leveret.scheduler.ratelimit import RateLimiter
 from leveret.scheduler.store import Submission
 
 #: What makes a submission fail with 503 (retry later) rather than 4xx.
@@ -67,10 +69,35 @@ def _body_schema(model: str) -> dict[str, Any]:
 class _Routes:
     """The route handlers, bound to one admission pipeline."""
 
-    def __init__(self, admission: Admission, kinds: KindCatalog, max_bytes: int) -> None:
+    def __init__(
+        self, admission: Admission, kinds: KindCatalog, max_bytes: int, limiter: RateLimiter
+    ) -> None:
         self.admission = admission
         self.kinds = kinds
         self.max_bytes = max_bytes
+        self.limiter = limiter
+
+    def _throttle(self, request: Request, tasks: int) -> JSONResponse | None:
+        """429 with Retry-After when this client is over its submission rate."""
+        client = request.headers.get("x-client-id") or (
+            request.client.host if request.client else "unknown"
+        )
+        wait = self.limiter.take(client, tasks)
+        if not wait:
+            return None
+        if math.isinf(wait):
+            burst = int(self.limiter.burst)
+            err = SubmissionError(
+                "rate_limited", f"{tasks} tasks at once exceed this client's burst of {burst}", 413
+            )
+            return _error(err)
+        retry = max(1, math.ceil(wait))
+        message = f"client {client!r} is over {self.limiter.rate:g} tasks/s; retry in {retry} s"
+        return JSONResponse(
+            {"detail": {"error": "rate_limited", "message": message}},
+            status_code=429,
+            headers={"Retry-After": str(retry)},
+        )
 
     async def submit(self, request: Request) -> JSONResponse:
         """Submit one task. 202 when accepted; 200 with status `duplicate` for a known id."""
@@ -80,6 +107,8 @@ class _Routes:
             check_supported(task, self.kinds)
             work = submission(task, envelope(task))
             check_graph([work])
+            if (limited := self._throttle(request, 1)) is not None:
+                return limited
             [answer] = await self.admission.submit([work])
         except SubmissionError as err:
             return _error(err)
@@ -95,6 +124,8 @@ class _Routes:
             works = self._batch(body)
         except SubmissionError as err:
             return _error(err, getattr(err, "index", None))
+        if (limited := self._throttle(request, len(works))) is not None:
+            return limited
         try:
             check_graph(works)
             answers = await self.admission.submit(works)
@@ -149,14 +180,20 @@ class _Routes:
         }
 
 
-def create_app(admission: Admission, kinds: KindCatalog, *, max_bytes: int) -> FastAPI:
+def create_app(
+    admission: Admission,
+    kinds: KindCatalog,
+    *,
+    max_bytes: int,
+    limiter: RateLimiter | None = None,
+) -> FastAPI:
     """The scheduler's FastAPI app (no module-level app object)."""
     app = FastAPI(
         title="leveret scheduler",
         version=__version__,
         description="Submit tasks. Results: the tracker API or the leveret.results exchange.",
     )
-    routes = _Routes(admission, kinds, max_bytes)
+    routes = _Routes(admission, kinds, max_bytes, limiter or RateLimiter(0, 1))
     app.post(
         "/tasks",
         status_code=202,

@@ -20,6 +20,7 @@ from leveret.scheduler.dependencies import Resolver
 from leveret.scheduler.dispatch import Dispatcher
 from leveret.scheduler.intake import Intake
 from leveret.scheduler.outcomes import Outcomes
+from leveret.scheduler.ratelimit import RateLimiter
 from leveret.scheduler.releaser import Releaser
 from leveret.scheduler.store import SubmissionStore
 from leveret.settings import SchedulerSettings
@@ -57,7 +58,8 @@ async def run(
         await resolver.recover()
         outcomes = Outcomes(store, resolver, settings.topology)
         intake = Intake(admission, declared, kinds, max_bytes=settings.max_payload_bytes)
-        app = create_app(admission, kinds, max_bytes=settings.max_payload_bytes)
+        limiter = RateLimiter(settings.http_rate_per_s, settings.http_burst)
+        app = create_app(admission, kinds, max_bytes=settings.max_payload_bytes, limiter=limiter)
         server = http_server(app, settings.host, settings.port)
 
         async with asyncio.TaskGroup() as group:

@@ -298,3 +298,20 @@ def test_sigterm_during_load_loses_nothing(cluster: Cluster) -> None:
     listed = httpx.get(f"{cluster.tracker_url}/tasks", params={"limit": 1000}).json()["tasks"]
     assert len(listed) == 400
     assert "stopped" in first.log()
+
+
+def test_http_rate_limit_per_client(cluster: Cluster) -> None:
+    cluster.extra_env.update({"LEVERET_HTTP_RATE_PER_S": "2", "LEVERET_HTTP_BURST": "10"})
+    cluster.start_scheduler()
+    url = f"{cluster.scheduler_url}/tasks"
+    ten = {"tasks": [{"kind": "echo"} for _ in range(10)]}
+    assert httpx.post(f"{url}/batch", json=ten).status_code == 202
+    over = httpx.post(url, json={"kind": "echo"})
+    assert over.status_code == 429
+    assert int(over.headers["Retry-After"]) >= 1
+    assert over.json()["detail"]["error"] == "rate_limited"
+    other = httpx.post(url, json={"kind": "echo"}, headers={"X-Client-Id": "someone-else"})
+    assert other.status_code == 202
+    too_big = {"tasks": [{"kind": "echo"} for _ in range(11)]}
+    r = httpx.post(f"{url}/batch", json=too_big, headers={"X-Client-Id": "big"})
+    assert r.status_code == 413
