@@ -63,6 +63,15 @@ class TaskView(TaskSummary):
     attempts: list[AttemptView]
     run_at: datetime | None = None
     depends_on: list[str] = []
+    progress: ProgressView | None = None
+
+
+class ProgressView(BaseModel):
+    """The latest progress report of the running attempt."""
+
+    fraction: float | None
+    message: str | None
+    at: datetime
 
 
 class TaskPageView(BaseModel):
@@ -171,6 +180,13 @@ def task_view(t: TaskRecord) -> TaskView:
             "attempts": history,
             "run_at": t.run_at,
             "depends_on": list(t.depends_on),
+            "progress": None
+            if t.progress is None
+            else {
+                "fraction": t.progress.fraction,
+                "message": t.progress.message,
+                "at": t.progress.at,
+            },
         }
     )
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from leveret.contracts import (
+    TaskProgress,
     TaskResult,
     TaskRetrying,
     TasksAccepted,
@@ -27,6 +28,7 @@ from leveret.tracker.state import (
     TrackerMessage,
     WorkerCounters,
     apply_accepted,
+    apply_progress,
     apply_result,
     apply_retrying,
     apply_started,
@@ -47,7 +49,7 @@ from leveret.tracker.workers import (
 
 def message_ids(message: TrackerMessage) -> tuple[list[str], list[str]]:
     """The task ids and worker ids one message touches."""
-    if isinstance(message, TaskResult | TaskRetrying):
+    if isinstance(message, TaskResult | TaskRetrying | TaskProgress):
         return [message.id], []
     if isinstance(message, TasksAccepted | TasksStarted):
         return [t.id for t in message.tasks], []
@@ -117,6 +119,8 @@ class Ledger:
             if message.worker is not None:
                 self._check_fenced("result", message.id, message.attempt, message.worker)
             return self._task(message.id, apply_result(self.tasks.get(message.id), message))
+        if isinstance(message, TaskProgress):
+            return self._task(message.id, apply_progress(self.tasks.get(message.id), message))
         if isinstance(message, TaskRetrying):
             self._check_fenced("retry", message.id, message.attempt, message.worker)
             return self._task(message.id, apply_retrying(self.tasks.get(message.id), message))

@@ -38,6 +38,7 @@ from leveret.contracts import (
     AcceptedTask,
     Event,
     StartedTask,
+    TaskProgress,
     TaskResult,
     TaskRetrying,
     TaskStatus,
@@ -90,6 +91,25 @@ class TaskRecord:
     attempts: tuple[Attempt, ...] = ()
     run_at: datetime | None = None
     depends_on: tuple[str, ...] = ()
+    progress: Progress | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """The latest progress report of a task's current attempt."""
+
+    fraction: float | None
+    message: str | None
+    at: datetime
+
+
+def apply_progress(record: TaskRecord | None, event: TaskProgress) -> TaskRecord | None:
+    """Keep the newest report of the current attempt while it runs; ignore the rest."""
+    if record is None or record.status.terminal or event.attempt != record.attempt:
+        return record
+    if record.progress is not None and record.progress.at >= event.at:
+        return record
+    return replace(record, progress=Progress(event.fraction, event.message, event.at))
 
 
 @dataclass(frozen=True, slots=True)

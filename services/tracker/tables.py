@@ -30,7 +30,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Row
 
 from leveret.contracts import TaskStatus
-from leveret.tracker.state import Attempt, AttemptOutcome, TaskRecord, WorkerCounters
+from leveret.tracker.state import Attempt, AttemptOutcome, Progress, TaskRecord, WorkerCounters
 from leveret.tracker.workers import Death, WorkerRecord
 
 
@@ -79,6 +79,7 @@ tasks = Table(
     Column("retry_at", UtcDateTime),
     Column("run_at", UtcDateTime),  # a delayed task's due time
     Column("depends_on", JSON),  # the ids a blocked task waits for
+    Column("progress", JSON),  # the current attempt's latest report: fraction, message, at
 )
 
 attempts = Table(
@@ -164,6 +165,7 @@ def task_row(record: TaskRecord) -> dict[str, Any]:
         "retry_at": record.retry_at,
         "run_at": record.run_at,
         "depends_on": list(record.depends_on) or None,
+        "progress": _progress_json(record.progress),
     }
 
 
@@ -219,6 +221,25 @@ def to_task(row: Row[Any], history: tuple[Attempt, ...] = ()) -> TaskRecord:
         attempts=history,
         run_at=row.run_at,
         depends_on=tuple(row.depends_on or ()),
+        progress=_progress_of(row.progress),
+    )
+
+
+def _progress_json(progress: Progress | None) -> dict[str, Any] | None:
+    if progress is None:
+        return None
+    return {
+        "fraction": progress.fraction,
+        "message": progress.message,
+        "at": progress.at.isoformat(),
+    }
+
+
+def _progress_of(value: Any) -> Progress | None:
+    if not isinstance(value, dict):
+        return None
+    return Progress(
+        value.get("fraction"), value.get("message"), datetime.fromisoformat(value["at"])
     )
 
 

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+from helpers import TrackerApi, eventually
 
 from leveret.cli.procs import Cluster
 from leveret.client import Client
@@ -21,11 +22,21 @@ async def test_progress_reaches_the_producer(cluster: Cluster, kind: str) -> Non
     cluster.extra_env["PYTHONPATH"] = os.pathsep.join(
         p for p in (TESTS_DIR, os.environ.get("PYTHONPATH")) if p
     )
+    cluster.start_tracker()
     cluster.start_scheduler()
     cluster.start_worker("pw", "--concurrency", "2", "--handlers", "sample_handlers")
     seen: list[TaskProgress] = []
+    api = TrackerApi(cluster.tracker_url)
     async with Client(cluster.amqp_url, namespace=cluster.namespace) as client:
-        result = await client.run(kind, 4, timeout_s=30, on_progress=seen.append)
+        task_id = await client.submit(kind, 4, wait=True, on_progress=seen.append)
+
+        async def tracker_shows_progress() -> bool:
+            progress = (await api.task(task_id)).get("progress") or {}
+            return (progress.get("fraction") or 0) > 0 and bool(progress.get("message"))
+
+        await eventually(tracker_shows_progress, 20, "the tracker to show progress")
+        result = await client.result(task_id, timeout_s=30)
+    await api.close()
     assert result.status == TaskStatus.COMPLETED
     assert result.result == "done"
     assert len(seen) >= 3, seen
