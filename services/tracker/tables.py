@@ -7,7 +7,7 @@ older version up to date (it only ever adds nullable columns and indexes).
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
@@ -15,8 +15,6 @@ from sqlalchemy import (
     BigInteger,
     Column,
     Connection,
-    DateTime,
-    Dialect,
     Float,
     Index,
     Integer,
@@ -24,35 +22,13 @@ from sqlalchemy import (
     String,
     Table,
     Text,
-    TypeDecorator,
-    inspect,
 )
 from sqlalchemy.engine import Row
 
 from leveret.contracts import TaskStatus
+from leveret.db import UtcDateTime, add_missing_columns
 from leveret.tracker.state import Attempt, AttemptOutcome, Progress, TaskRecord, WorkerCounters
 from leveret.tracker.workers import Death, WorkerRecord
-
-
-class UtcDateTime(TypeDecorator[datetime]):
-    """A timezone-aware UTC datetime on every dialect (naive input is taken as UTC)."""
-
-    impl = DateTime(timezone=True)
-    cache_ok = True
-
-    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        """Normalise to UTC; SQLite stores it naive."""
-        if value is None:
-            return None
-        value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
-
-    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        """Read back aware, in UTC."""
-        if value is None:
-            return None
-        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
 
 metadata = MetaData()
 
@@ -132,18 +108,7 @@ Index("ix_attempts_worker_outcome", attempts.c.worker, attempts.c.outcome)
 
 def upgrade(conn: Connection) -> None:
     """Create what is missing: tables, then nullable columns and indexes added since."""
-    metadata.create_all(conn)
-    inspector = inspect(conn)
-    for table in metadata.sorted_tables:
-        present = {c["name"] for c in inspector.get_columns(table.name)}
-        for column in table.columns:
-            if column.name not in present and column.nullable:
-                kind = column.type.compile(dialect=conn.dialect)
-                conn.exec_driver_sql(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}')
-        indexes = {i["name"] for i in inspector.get_indexes(table.name)}
-        for index in table.indexes:
-            if index.name not in indexes:
-                index.create(conn, checkfirst=True)
+    add_missing_columns(conn, metadata)
 
 
 def task_row(record: TaskRecord) -> dict[str, Any]:
