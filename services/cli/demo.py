@@ -27,11 +27,25 @@ from leveret.cli.procs import Cluster
 from leveret.settings import CommonSettings
 from leveret.topology import Topology, delete_namespace
 
+#: Scheduling features on show: a small DAG, urgent work, a delayed task, and a
+#: long task that the demo cancels while it waits or runs.
+SHOWCASE: list[dict[str, Any]] = [
+    {"id": "dag-fetch", "kind": "sleep", "payload": 0.3},
+    {"id": "dag-left", "kind": "echo", "payload": "left", "depends_on": ["dag-fetch"]},
+    {"id": "dag-right", "kind": "echo", "payload": "right", "depends_on": ["dag-fetch"]},
+    {"id": "dag-join", "kind": "echo", "payload": "join", "depends_on": ["dag-left", "dag-right"]},
+    {"id": "urgent", "kind": "echo", "payload": "priority 9", "priority": 9},
+    {"id": "later", "kind": "echo", "payload": "after 1 s", "delay_s": 1},
+    {"id": "doomed", "kind": "sleep", "payload": 60},
+]
+CANCELLED = "doomed"
+
 
 def sample_tasks(count: int, tracker_url: str, rng: random.Random) -> list[dict[str, Any]]:
-    """A reproducible mix: echo, sleep, http, planned failures and timeouts."""
-    tasks: list[dict[str, Any]] = []
-    for i in range(count):
+    """A reproducible mix: the showcase, then echo, sleep, http, planned failures and
+    timeouts (`count` tasks in all)."""
+    tasks: list[dict[str, Any]] = [dict(t) for t in SHOWCASE[:count]]
+    for i in range(len(tasks), count):
         roll = rng.random()
         if roll < 0.35:
             tasks.append({"kind": "echo", "payload": {"n": i, "text": f"sample {i}"}})
@@ -114,6 +128,29 @@ def _report(
     console.print(per_worker)
 
 
+def _showcase(console: Console, cluster: Cluster) -> None:
+    """How the scheduling showcase went: status, start order, worker."""
+    table = Table(title="Scheduling showcase")
+    for col in ("task", "status", "started", "worker", "note"):
+        table.add_column(col)
+    notes = {
+        "dag-join": "ran after dag-left and dag-right",
+        "urgent": "priority 9: overtook the backlog",
+        "later": "delay_s=1: held by the scheduler",
+        CANCELLED: "cancelled by the demo",
+    }
+    for item in SHOWCASE:
+        r = httpx.get(f"{cluster.tracker_url}/tasks/{item['id']}", timeout=10)
+        if r.status_code != 200:
+            continue
+        t = r.json()
+        started = (t.get("started_at") or "-")[11:23]
+        table.add_row(
+            item["id"], t["status"], started, str(t.get("worker") or "-"), notes.get(item["id"], "")
+        )
+    console.print(table)
+
+
 async def _cleanup_broker(url: str, namespace: str) -> None:
     connection = await connect(url, "leveret-demo-cleanup", connect_timeout_s=10)
     async with connection:
@@ -146,10 +183,14 @@ def run_demo(*, workers: int, tasks: int, concurrency: int, timeout_s: float = 6
             )
             r.raise_for_status()
         console.print(f"submitted {tasks} tasks in {time.monotonic() - started:.2f} s")
+        if any(t.get("id") == CANCELLED for t in batch):
+            httpx.delete(f"{cluster.scheduler_url}/tasks/{CANCELLED}", timeout=10)
+            console.print(f"cancelled task {CANCELLED!r} (a 60 s sleep)")
         stats = _watch(console, cluster, tasks, timeout_s)
         wall = time.monotonic() - started
         worker_list = httpx.get(f"{cluster.tracker_url}/workers", timeout=10).json()["workers"]
         _report(console, stats, worker_list, wall, tasks)
+        _showcase(console, cluster)
         done = _terminal(stats) >= tasks
     finally:
         codes = cluster.stop_all()
