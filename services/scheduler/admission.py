@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -25,6 +24,7 @@ from datetime import datetime
 from loguru import logger
 from pydantic import ValidationError
 
+from leveret.batching import fill_batch
 from leveret.contracts import (
     DEFAULT_PRIORITY,
     POOL_PATTERN,
@@ -255,21 +255,13 @@ class Admission:
 
     async def _collect(self) -> list[_Request]:
         first = await self._queue.get()
-        batch, count = [first], len(first.subs)
-        deadline = time.monotonic() + self.batch_wait_s
-        while count < self.batch_max:
-            try:
-                request = self._queue.get_nowait()
-            except asyncio.QueueEmpty:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                try:
-                    request = await asyncio.wait_for(self._queue.get(), remaining)
-                except TimeoutError:
-                    break
-            batch.append(request)
-            count += len(request.subs)
+        batch, _ = await fill_batch(
+            self._queue,
+            first,
+            limit=self.batch_max,
+            wait_s=self.batch_wait_s,
+            weight=lambda request: len(request.subs),
+        )
         return batch
 
     async def _check_parents(

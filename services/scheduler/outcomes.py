@@ -29,6 +29,7 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from tenacity import AsyncRetrying, retry_if_exception, wait_exponential_jitter
 
 from leveret.amqp import BROKER_EXCEPTIONS, open_channel
+from leveret.batching import fill_batch
 from leveret.contracts import TaskResult, TaskStatus
 from leveret.scheduler.dependencies import Resolver
 from leveret.scheduler.store import SubmissionStore
@@ -103,21 +104,10 @@ class Outcomes:
             await self._process(await self._next_batch())
 
     async def _next_batch(self) -> list[AbstractIncomingMessage]:
-        batch = [await self._buffer.get()]
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.batch_wait_s
-        while len(batch) < self.batch_max:
-            if self._buffer.empty():
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
-                try:
-                    async with asyncio.timeout(remaining):
-                        batch.append(await self._buffer.get())
-                except TimeoutError:
-                    break
-            else:
-                batch.append(self._buffer.get_nowait())
+        first = await self._buffer.get()
+        batch, _ = await fill_batch(
+            self._buffer, first, limit=self.batch_max, wait_s=self.batch_wait_s
+        )
         return batch
 
     async def _process(self, batch: list[AbstractIncomingMessage]) -> None:

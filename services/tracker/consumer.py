@@ -33,6 +33,7 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_exponential_jitter
 
 from leveret.amqp import BROKER_EXCEPTIONS, open_channel
+from leveret.batching import fill_batch
 from leveret.contracts import TaskResult, decode_event, utcnow
 from leveret.topology import Topology
 from leveret.tracker.state import TrackerMessage
@@ -181,25 +182,14 @@ class Consumer:
             first = self._buffer.get_nowait()
         if first is None:
             return []
-        batch = [first]
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.batch_wait_s
-        while len(batch) < self.batch_max:
-            if self._buffer.empty():
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
-                try:
-                    async with asyncio.timeout(remaining):
-                        item = await self._buffer.get()
-                except TimeoutError:
-                    break
-            else:
-                item = self._buffer.get_nowait()
-            if item is None:
-                break
-            batch.append(item)
-        return batch
+        batch, _ = await fill_batch(
+            self._buffer,
+            first,
+            limit=self.batch_max,
+            wait_s=self.batch_wait_s,
+            stop=lambda item: item is None,
+        )
+        return [m for m in batch if m is not None]
 
     async def _process(self, batch: list[AbstractIncomingMessage]) -> None:
         decoded: list[tuple[AbstractIncomingMessage, TrackerMessage]] = []
