@@ -196,6 +196,32 @@ async def send_reply(channel: AbstractChannel, reply_to: str, message: aio_pika.
         logger.warning("reply to {} not sent: {}", reply_to, exc)
 
 
+def channel_gone(delivery: AbstractIncomingMessage) -> bool:
+    """True when the channel that delivered this message is closed: it can no longer be
+    settled, and the broker has already put it back for redelivery."""
+    try:
+        return delivery.channel.is_closed
+    except aiormq.exceptions.ChannelInvalidStateError:
+        return True
+
+
+async def ack_batch(done: Sequence[AbstractIncomingMessage]) -> None:
+    """Ack a processed batch: one ``ack(multiple=True)`` per channel, on its last delivery.
+
+    Deliveries whose channel died since (a broker restart or a reconnect) are skipped:
+    their tags mean nothing on any other channel, and the broker redelivers them.
+    """
+    last: dict[int, AbstractIncomingMessage] = {}
+    for delivery in done:
+        if not channel_gone(delivery):
+            last[id(delivery.channel)] = delivery
+    for delivery in last.values():
+        try:
+            await delivery.ack(multiple=True)
+        except BROKER_EXCEPTIONS as exc:
+            logger.warning("ack not sent (the broker will redeliver): {}", exc)
+
+
 def delivery_count(message: AbstractIncomingMessage) -> int:
     """How many times the broker delivered this message before (quorum queues count)."""
     headers = message.headers or {}

@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy import Connection, DateTime, Dialect, MetaData, TypeDecorator, event, inspect
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from leveret.errors import ConfigError
@@ -32,6 +33,15 @@ def create_engine(url: str) -> AsyncEngine:
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
     return create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for database failures worth waiting out (unreachable, locked, connection lost)."""
+    if isinstance(exc, OperationalError | InterfaceError):
+        return True
+    if isinstance(exc, DBAPIError):
+        return exc.connection_invalidated
+    return isinstance(exc, OSError | TimeoutError)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

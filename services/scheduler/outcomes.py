@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any
 
 from aio_pika.abc import (
     AbstractChannel,
@@ -25,12 +24,12 @@ from aio_pika.abc import (
 )
 from loguru import logger
 from pydantic import ValidationError
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from tenacity import AsyncRetrying, retry_if_exception, wait_exponential_jitter
 
-from leveret.amqp import BROKER_EXCEPTIONS, open_channel
+from leveret.amqp import BROKER_EXCEPTIONS, ack_batch, open_channel
 from leveret.batching import fill_batch
 from leveret.contracts import TaskResult, TaskStatus
+from leveret.db import is_transient
 from leveret.scheduler.dependencies import Resolver
 from leveret.scheduler.store import SubmissionStore
 from leveret.topology import Topology
@@ -42,15 +41,6 @@ RECORDED = frozenset({TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCEL
 
 #: Deliveries of one outcome message before it is dead-lettered (a crash loop).
 OUTCOMES_DELIVERY_LIMIT = 5
-
-
-def is_transient(exc: BaseException) -> bool:
-    """True for database failures worth waiting out (unreachable, locked, connection lost)."""
-    if isinstance(exc, OperationalError | InterfaceError):
-        return True
-    if isinstance(exc, DBAPIError):
-        return exc.connection_invalidated
-    return isinstance(exc, OSError | TimeoutError)
 
 
 class Outcomes:
@@ -136,7 +126,7 @@ class Outcomes:
                     await delivery.reject(requeue=True)
             return
         self.recorded += len(outcomes)
-        await _ack(kept)
+        await ack_batch(kept)
 
     async def _record(self, outcomes: list[tuple[str, str, str | None]]) -> list[str]:
         """Record in one transaction, waiting out transient database failures."""
@@ -151,15 +141,3 @@ class Outcomes:
             with attempt:
                 return await self.store.record_outcomes(outcomes)
         raise AssertionError("unreachable")  # pragma: no cover
-
-
-async def _ack(done: list[AbstractIncomingMessage]) -> None:
-    """One ``ack(multiple=True)`` per channel, on its last delivery."""
-    last: dict[int, Any] = {}
-    for delivery in done:
-        last[id(delivery.channel)] = delivery
-    for delivery in last.values():
-        try:
-            await delivery.ack(multiple=True)
-        except BROKER_EXCEPTIONS as exc:
-            logger.warning("ack not sent (the broker will redeliver): {}", exc)

@@ -26,21 +26,17 @@ from aio_pika.abc import (
     AbstractRobustChannel,
     AbstractRobustConnection,
 )
-from aiormq.exceptions import ChannelInvalidStateError
 from loguru import logger
 from pydantic import ValidationError
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_exponential_jitter
 
-from leveret.amqp import BROKER_EXCEPTIONS, open_channel
+from leveret.amqp import BROKER_EXCEPTIONS, ack_batch, open_channel
 from leveret.batching import fill_batch
 from leveret.contracts import TaskResult, decode_event, utcnow
+from leveret.db import is_transient
 from leveret.topology import Topology
 from leveret.tracker.state import TrackerMessage
 from leveret.tracker.store import TrackerStore
-
-#: Settling a delivery on a channel that died raises these; the broker redelivers it anyway.
-SETTLE_ERRORS: tuple[type[BaseException], ...] = (*BROKER_EXCEPTIONS, ChannelInvalidStateError)
 
 
 class Undecodable(ValueError):
@@ -59,15 +55,6 @@ def decode(topology: Topology, exchange: str, body: bytes) -> TrackerMessage:
         where = ".".join(str(p) for p in first["loc"]) or "body"
         raise Undecodable(f"{exc.error_count()} error(s); {where}: {first['msg']}") from exc
     raise Undecodable(f"unexpected exchange {exchange!r}")
-
-
-def is_transient(exc: BaseException) -> bool:
-    """True for database failures worth waiting out (unreachable, locked, connection lost)."""
-    if isinstance(exc, OperationalError | InterfaceError):
-        return True
-    if isinstance(exc, DBAPIError):
-        return exc.connection_invalidated
-    return isinstance(exc, OSError | TimeoutError)
 
 
 def _log_retry(state: RetryCallState) -> None:
@@ -150,7 +137,7 @@ class Consumer:
         if self._queue is not None and self._tag is not None:
             try:
                 await self._queue.cancel(self._tag)
-            except SETTLE_ERRORS as exc:
+            except BROKER_EXCEPTIONS as exc:
                 logger.warning("cancelling the tracker consumer failed: {}", exc)
         self._buffer.put_nowait(None)
 
@@ -211,7 +198,7 @@ class Consumer:
             )
             done = await self._apply_one_by_one(decoded)
         self.applied += len(done)
-        await self._ack(done)
+        await ack_batch(done)
 
     async def _apply(self, messages: list[TrackerMessage]) -> None:
         """Apply in one transaction, waiting out transient database failures."""
@@ -251,20 +238,5 @@ class Consumer:
         logger.debug("rejected body: {!r}", delivery.body[:512])
         try:
             await delivery.reject(requeue=False)
-        except SETTLE_ERRORS as exc:
+        except BROKER_EXCEPTIONS as exc:
             logger.warning("reject not sent (the broker will redeliver): {}", exc)
-
-    async def _ack(self, done: list[AbstractIncomingMessage]) -> None:
-        """One ``ack(multiple=True)`` per channel, on its last applied delivery."""
-        last: dict[int, AbstractIncomingMessage] = {}
-        for delivery in done:
-            try:
-                last[id(delivery.channel)] = delivery
-            except ChannelInvalidStateError:
-                continue  # its channel died (broker restart): the broker redelivers it
-
-        for delivery in last.values():
-            try:
-                await delivery.ack(multiple=True)
-            except SETTLE_ERRORS as exc:
-                logger.warning("ack not sent (the broker will redeliver): {}", exc)

@@ -29,23 +29,24 @@ from aio_pika.abc import (
     AbstractQueue,
     AbstractRobustConnection,
 )
-from aiormq.exceptions import ChannelInvalidStateError
 from loguru import logger
 from pydantic import ValidationError
 from tenacity import AsyncRetrying, retry_if_exception, wait_exponential_jitter
 
 from leveret.amqp import (
+    BROKER_EXCEPTIONS,
     Outgoing,
     annotated_copy,
+    channel_gone,
     json_message,
     open_channel,
     publish_all,
     send_reply,
 )
 from leveret.contracts import REPLY_RESULT, TaskError, TaskMessage, TaskResult, TaskStatus
+from leveret.db import is_transient
 from leveret.errors import BrokerError
 from leveret.topology import RK_REJECTED, WORK_DELIVERY_LIMIT, Topology, result_routing_key
-from leveret.tracker.consumer import SETTLE_ERRORS, is_transient
 from leveret.tracker.state import TaskRecord
 from leveret.tracker.store import TrackerStore
 
@@ -142,7 +143,7 @@ class DeadLetters:
         if self._queue is not None and self._tag is not None:
             try:
                 await self._queue.cancel(self._tag)
-            except SETTLE_ERRORS as exc:
+            except BROKER_EXCEPTIONS as exc:
                 logger.warning("cancelling the dead-letter consumer failed: {}", exc)
         self._tag = None
         self._buffer.put_nowait(None)
@@ -171,13 +172,13 @@ class DeadLetters:
                 GIVE_BACK_AFTER_S,
             )
             await asyncio.sleep(GIVE_BACK_AFTER_S)  # a back-off, not a synchronisation
-            with contextlib.suppress(*SETTLE_ERRORS):
+            with contextlib.suppress(*BROKER_EXCEPTIONS):
                 await delivery.reject(requeue=True)
             return
         self.handled += 1
         try:
             await delivery.ack()
-        except SETTLE_ERRORS as exc:
+        except BROKER_EXCEPTIONS as exc:
             logger.warning("dead letter ack not sent (the broker will redeliver): {}", exc)
 
     async def _handle(self, delivery: AbstractIncomingMessage) -> None:
@@ -288,7 +289,7 @@ class DeadLetters:
             reraise=True,
         ):
             with attempt:
-                if _void(delivery):
+                if channel_gone(delivery):
                     raise VoidDelivery
                 return await step()
         raise AssertionError("unreachable")  # pragma: no cover
@@ -299,13 +300,6 @@ def _as_recorded(result: TaskResult, record: TaskRecord) -> TaskResult:
     return result.model_copy(
         update={"kind": record.kind or result.kind, "pool": record.pool or result.pool}
     )
-
-
-def _void(delivery: AbstractIncomingMessage) -> bool:
-    try:
-        return delivery.channel.is_closed
-    except ChannelInvalidStateError:
-        return True
 
 
 def _as_list(value: object) -> list[Any]:

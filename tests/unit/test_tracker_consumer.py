@@ -12,12 +12,24 @@ from aio_pika.abc import AbstractIncomingMessage
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from leveret.contracts import TaskResult
+from leveret.db import is_transient
 from leveret.topology import Topology
-from leveret.tracker.consumer import Consumer, Undecodable, decode, is_transient
+from leveret.tracker.consumer import Consumer, Undecodable, decode
 from leveret.tracker.state import TrackerMessage
 from leveret.tracker.store import Applied, TrackerStore
 
 TOPOLOGY = Topology("t-unit")
+
+
+@dataclass
+class FakeChannel:
+    """What an aio-pika delivery's channel says about itself."""
+
+    name: str = "channel-1"
+    is_closed: bool = False
+
+
+CHANNEL_1 = FakeChannel()
 
 
 @dataclass
@@ -29,7 +41,7 @@ class FakeDelivery:
     exchange: str = TOPOLOGY.results_exchange
     routing_key: str = "completed.default.echo"
     message_id: str | None = None
-    channel: object = "channel-1"
+    channel: FakeChannel = field(default_factory=lambda: CHANNEL_1)
     settled: list[tuple[str, bool]] = field(default_factory=list)
 
     async def ack(self, multiple: bool = False) -> None:
@@ -127,11 +139,22 @@ async def test_a_message_the_store_refuses_is_isolated_and_dead_lettered() -> No
 
 async def test_one_ack_per_channel_when_a_batch_spans_a_reconnect() -> None:
     store = FakeStore()
-    old = FakeDelivery(result_body("a"), 7, channel="old")
-    new = [FakeDelivery(result_body(i), n, channel="new") for n, i in ((1, "b"), (2, "c"))]
+    old = FakeDelivery(result_body("a"), 7, channel=FakeChannel("old"))
+    new_channel = FakeChannel("new")
+    new = [FakeDelivery(result_body(i), n, channel=new_channel) for n, i in ((1, "b"), (2, "c"))]
     await feed(make_consumer(store), [old, *new])
     assert old.settled == [("ack", True)]
     assert [d.settled for d in new] == [[], [("ack", True)]]
+
+
+async def test_deliveries_of_a_dead_channel_are_left_to_the_broker() -> None:
+    store = FakeStore()
+    old = FakeDelivery(result_body("a"), 7, channel=FakeChannel("old", is_closed=True))
+    new = FakeDelivery(result_body("b"), 1, channel=FakeChannel("new"))
+    await feed(make_consumer(store), [old, new])
+    assert store.committed == [["a", "b"]]  # recorded once; the redelivery changes nothing
+    assert old.settled == []  # its tag means nothing now: the broker redelivers it
+    assert new.settled == [("ack", True)]
 
 
 async def test_batches_are_cut_at_batch_max() -> None:
@@ -143,10 +166,6 @@ async def test_batches_are_cut_at_batch_max() -> None:
     assert store.committed == [["t1", "t2"], ["t3", "t4"], ["t5"]]
 
 
-class FakeChannel:
-    is_closed = False
-
-
 async def test_caught_up_advances_only_while_idle_on_an_open_channel() -> None:
     consumer = make_consumer(FakeStore())
     born = consumer.caught_up_at()
@@ -154,14 +173,15 @@ async def test_caught_up_advances_only_while_idle_on_an_open_channel() -> None:
     runner = asyncio.create_task(consumer.run())
     await asyncio.sleep(0)  # let it start and block on its empty buffer
     assert consumer.caught_up_at() == born  # idle, but not consuming: nothing was heard
-    consumer._channel, consumer._tag = cast(Any, FakeChannel()), "tag"
+    channel = FakeChannel()
+    consumer._channel, consumer._tag = cast(Any, channel), "tag"
     idle_and_listening = consumer.caught_up_at()
     assert idle_and_listening > born
-    FakeChannel.is_closed = True  # cut off from the broker: silence is not news
+    channel.is_closed = True  # cut off from the broker: silence is not news
     try:
         assert consumer.caught_up_at() == idle_and_listening
     finally:
-        FakeChannel.is_closed = False
+        channel.is_closed = False
         consumer._tag = None
         await consumer.stop()
         await asyncio.wait_for(runner, 5)
