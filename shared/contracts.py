@@ -41,6 +41,9 @@ KIND_PATTERN = r"^[A-Za-z][A-Za-z0-9_.:\-]{0,127}$"
 POOL_PATTERN = r"^[a-z0-9][a-z0-9_\-]{0,63}$"
 TAG_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:=\-]{0,63}$"
 
+#: At most this many capability tags in one task's `requires`.
+MAX_REQUIRES = 16
+
 TaskId = Annotated[str, Field(pattern=ID_PATTERN, description="Task id; also the idempotency key.")]
 Kind = Annotated[str, Field(pattern=KIND_PATTERN, description="Name of the handler that runs it.")]
 Pool = Annotated[str, Field(pattern=POOL_PATTERN, description="Worker pool (one work queue each).")]
@@ -113,7 +116,11 @@ class SubmitTask(BaseModel):
     max_retries: int | None = Field(
         default=None, ge=0, le=100, description="Attempts after the first that a failure may use."
     )
-    requires: list[Tag] | None = Field(default=None, description="Reserved in v1.")
+    requires: list[Tag] | None = Field(
+        default=None,
+        max_length=MAX_REQUIRES,
+        description="Capabilities a worker must have, all of them, to run the task.",
+    )
     delay_s: float | None = Field(
         default=None, ge=0, le=366 * 24 * 3600, description="Run no earlier than this from now."
     )
@@ -165,6 +172,9 @@ class TaskMessage(_Model):
     timeout_s: float | None = None
     max_retries: int | None = None
     priority: int = Field(default=DEFAULT_PRIORITY, ge=0, le=9)
+    requires: list[Tag] = Field(
+        default=[], description="Capabilities the task needs (sorted, each once)."
+    )
     attempt_offset: int = Field(
         default=0, ge=0, description="Attempts made before this message (retries republish it)."
     )
@@ -206,6 +216,7 @@ class AcceptedTask(_Model):
     status: Literal["pending", "delayed", "blocked"] = "pending"
     run_at: datetime | None = None
     depends_on: list[TaskId] = []
+    requires: list[Tag] = []
 
 
 class TasksAccepted(_Model):
@@ -332,6 +343,18 @@ class SchedulerStarted(_Model):
     at: datetime = Field(default_factory=utcnow)
 
 
+class RequirementsDeclared(_Model):
+    """Record on the `requirements` stream: the scheduler routes tasks that need exactly
+    these capabilities, in this pool, to a queue of their own. Workers read the stream
+    from its start and consume every such queue whose tags they all have."""
+
+    type: Literal["requirements.declared"] = "requirements.declared"
+    v: Literal[1] = 1
+    pool: Pool
+    requires: list[Tag] = Field(min_length=1, max_length=MAX_REQUIRES)
+    at: datetime = Field(default_factory=utcnow)
+
+
 Event = Annotated[
     TasksAccepted
     | TasksStarted
@@ -370,4 +393,5 @@ PUBLISHED_MODELS: dict[str, type[BaseModel]] = {
     "worker-heartbeat": WorkerHeartbeat,
     "worker-stopped": WorkerStopped,
     "scheduler-started": SchedulerStarted,
+    "requirements-declared": RequirementsDeclared,
 }

@@ -13,7 +13,7 @@ from typing import Annotated
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from leveret.contracts import POOL_PATTERN
+from leveret.contracts import POOL_PATTERN, Tag
 from leveret.topology import DEFAULT_NAMESPACE, Topology
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
@@ -128,7 +128,7 @@ class WorkerSettings(CommonSettings):
     heartbeat_interval_s: float = Field(default=1.0, gt=0)
     grace_period_s: float = Field(default=25.0, ge=0)
     started_flush_ms: float = Field(default=200.0, ge=0)
-    capabilities: Annotated[list[str], NoDecode] = Field(
+    capabilities: Annotated[list[Tag], NoDecode] = Field(
         default_factory=list, description="Tags tasks can require, e.g. gpu, region-eu."
     )
     limits: Annotated[list[str], NoDecode] = Field(

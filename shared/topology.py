@@ -11,9 +11,13 @@ namespace: ``leveret.submit``, ``leveret.results``, ``leveret.events``.
     leveret.work    (direct) --<pool>--> leveret.work.<pool> (quorum) --> workers
                              --<pool>.high--> leveret.work.<pool>.high
                              --<pool>.low---> leveret.work.<pool>.low
+                             --<pool>.req.<a>+<b>--> leveret.work.<pool>.req.<a>+<b>
+                                 (tasks that require capabilities a and b)
     leveret.results (topic, <status>.<pool>.<kind>) --#--> leveret.tracker (quorum)
     leveret.events  (topic, task.* / worker.*)      --#--> leveret.tracker
                     --task.cancel--> leveret.cancellations (stream, 1 day; every worker reads it)
+    leveret.requirements (stream): every requirement set the scheduler routes to;
+                    workers read it from the start and consume the sets they satisfy
     leveret.dead    (direct) --rejected--> leveret.rejected (quorum, for people to inspect)
                              --poison----> leveret.dead.letters (quorum, tracker)
     leveret.retry.<n>s (fanout) --> leveret.retry.<n>s (quorum, TTL n s)
@@ -31,6 +35,7 @@ every start, and :meth:`Topology.declare_pool` caches what it has declared.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -58,6 +63,10 @@ RK_POISON = "poison"
 WORK_DELIVERY_LIMIT = 3
 #: The broker-held delays between attempts, seconds: one TTL queue each.
 RETRY_STEPS_S = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+#: A requirement set whose tags, joined, are longer than this is named by a digest
+#: (queue names and routing keys are limited to 255 bytes).
+MAX_REQUIREMENT_TEXT = 120
 
 #: Deliveries of one intake message before it is dead-lettered (scheduler crash loops).
 INTAKE_DELIVERY_LIMIT = 5
@@ -99,6 +108,20 @@ def work_key(pool: str, band: Band) -> str:
 def limited_key(pool: str, kind: str) -> str:
     """Routing key on the work exchange for a kind with a cluster-wide limit."""
     return f"{pool}.kind.{kind}"
+
+
+def requirement_set(tags: Iterable[str]) -> tuple[str, ...]:
+    """Capability tags in canonical form: each once, sorted."""
+    return tuple(sorted(set(tags)))
+
+
+def requirement_key(pool: str, requires: Iterable[str]) -> str:
+    """Routing key on the work exchange for tasks that need `requires`:
+    ``<pool>.req.<a>+<b>`` (``+`` is not a tag character), or a digest for a long set."""
+    text = "+".join(requirement_set(requires))
+    if len(text) > MAX_REQUIREMENT_TEXT:
+        text = "sha-" + hashlib.sha256(text.encode()).hexdigest()[:32]
+    return f"{pool}.req.{text}"
 
 
 @dataclass(frozen=True)
@@ -180,6 +203,25 @@ class Topology:
         arguments["x-single-active-consumer"] = True
         return QueueSpec(f"{self.namespace}.work.{limited_key(pool, kind)}", arguments)
 
+    def requirement(self, pool: str, requires: Iterable[str]) -> QueueSpec:
+        """The work queue of the tasks of `pool` that need exactly the set `requires`."""
+        return QueueSpec(
+            f"{self.namespace}.work.{requirement_key(pool, requires)}",
+            _quorum(self.dead_exchange, RK_POISON, WORK_DELIVERY_LIMIT),
+        )
+
+    @property
+    def requirements(self) -> QueueSpec:
+        """Every requirement set the scheduler routed tasks to, as a stream that workers
+        read from the start. Records are tiny and written once per set per scheduler
+        process, so size-based retention keeps them for as long as anyone needs."""
+        arguments = {
+            "x-queue-type": "stream",
+            "x-max-length-bytes": 256 * 1024 * 1024,
+            "x-stream-max-segment-size-bytes": 8 * 1024 * 1024,
+        }
+        return QueueSpec(f"{self.namespace}.requirements", arguments)
+
     @property
     def tracker(self) -> QueueSpec:
         """The tracker's inbox: every result and every event."""
@@ -249,6 +291,7 @@ class Topology:
             self.rejected,
             self.dead_letters,
             self.cancellations,
+            self.requirements,
         ]
         return [*fixed, *retries]
 
@@ -275,6 +318,7 @@ class Topology:
         await dead.bind(ex[self.dead_exchange], RK_POISON)
         cancellations = await self.cancellations.declare(channel)
         await cancellations.bind(ex[self.events_exchange], RK_TASK_CANCEL)
+        await self.requirements.declare(channel)
         return DeclaredTopology(self, channel, ex)
 
 
@@ -289,6 +333,7 @@ class DeclaredTopology:
         self._exchanges = exchanges
         self._pools: dict[str, dict[Band, AbstractQueue]] = {}
         self._limited: dict[tuple[str, str], AbstractQueue] = {}
+        self._required: dict[str, AbstractQueue] = {}
 
     def exchange(self, name: str) -> AbstractExchange:
         """The exchange object for one of the topology's exchange names."""
@@ -330,16 +375,29 @@ class DeclaredTopology:
             self._limited[(pool, kind)] = queue
         return queue
 
+    async def declare_requirement(self, pool: str, requires: Iterable[str]) -> AbstractQueue:
+        """Declare (once per process) the queue of one requirement set and bind it."""
+        key = requirement_key(pool, requires)
+        queue = self._required.get(key)
+        if queue is None:
+            queue = await self.topology.requirement(pool, requires).declare(self.channel)
+            await queue.bind(self._exchanges[self.topology.work_exchange], key)
+            self._required[key] = queue
+        return queue
+
 
 async def delete_namespace(
     channel: AbstractChannel,
     topology: Topology,
     pools: list[str],
     limited_kinds: Iterable[str] = (),
+    requirement_sets: Iterable[Iterable[str]] = (),
 ) -> None:
     """Delete every queue and exchange of a namespace (tests and the demo clean up with it)."""
     work = [topology.work(p, band) for p in pools for band in Band]
     work += [topology.limited(p, k) for p in pools for k in limited_kinds]
+    sets = [requirement_set(r) for r in requirement_sets]
+    work += [topology.requirement(p, r) for p in pools for r in sets]
     for spec in [*topology.fixed_queues(), *work]:
         await channel.queue_delete(spec.name)
     for name in topology.exchange_names():
@@ -356,6 +414,8 @@ __all__ = [
     "band_of",
     "delete_namespace",
     "limited_key",
+    "requirement_key",
+    "requirement_set",
     "result_routing_key",
     "work_key",
 ]

@@ -157,7 +157,12 @@ def cluster(
     drop_namespace(amqp_url, namespace)
 
 
-def drop_namespace(url: str, namespace: str, pools: tuple[str, ...] = ("default",)) -> None:
+def drop_namespace(
+    url: str,
+    namespace: str,
+    pools: tuple[str, ...] = ("default",),
+    requirement_sets: list[list[str]] | None = None,
+) -> None:
     """Delete a test's queues and exchanges right away: deleting a vhost that holds
     hundreds of quorum queues at once can stall a small broker for minutes."""
     import pika
@@ -167,6 +172,7 @@ def drop_namespace(url: str, namespace: str, pools: tuple[str, ...] = ("default"
     topology = Topology(namespace)
     queues = [q.name for q in topology.fixed_queues()]
     queues += [topology.work(p, b).name for p in pools for b in Band]
+    queues += [topology.requirement(p, r).name for p in pools for r in requirement_sets or []]
     params = pika.URLParameters(url)
     params.client_properties = {"connection_name": f"test-cleanup-{namespace}"}
     try:

@@ -96,6 +96,11 @@ def submit(
     task_id: Annotated[str | None, typer.Option("--id", help="Idempotency key")] = None,
     pool: Annotated[str | None, typer.Option(help="Pool to run it in")] = None,
     timeout_s: Annotated[float | None, typer.Option(help="Attempt timeout, seconds")] = None,
+    priority: Annotated[int | None, typer.Option(help="0 (lowest) … 9 (highest); 4")] = None,
+    requires: Annotated[
+        list[str] | None,
+        typer.Option("--requires", help="A capability the worker must have (repeatable)"),
+    ] = None,
     wait_timeout_s: Annotated[float, typer.Option(help="How long --wait waits")] = 300.0,
 ) -> None:
     """Submit a task over AMQP (or one JSON task per line from stdin) and print its id."""
@@ -109,6 +114,8 @@ def submit(
             task_id=task_id,
             pool=pool,
             timeout_s=timeout_s,
+            priority=priority,
+            requires=requires or None,
             wait_timeout_s=wait_timeout_s,
         )
     )

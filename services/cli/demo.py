@@ -27,8 +27,10 @@ from leveret.cli.procs import Cluster
 from leveret.settings import CommonSettings
 from leveret.topology import Topology, delete_namespace
 
-#: Scheduling features on show: a small DAG, urgent work, a delayed task, and a
-#: long task that the demo cancels while it waits or runs.
+#: Scheduling features on show: a small DAG, urgent work, a delayed task, a task only
+#: the worker with the `gpu` capability may run, and a long task that the demo
+#: cancels while it waits or runs.
+GPU = "gpu"
 SHOWCASE: list[dict[str, Any]] = [
     {"id": "dag-fetch", "kind": "sleep", "payload": 0.3},
     {"id": "dag-left", "kind": "echo", "payload": "left", "depends_on": ["dag-fetch"]},
@@ -36,6 +38,7 @@ SHOWCASE: list[dict[str, Any]] = [
     {"id": "dag-join", "kind": "echo", "payload": "join", "depends_on": ["dag-left", "dag-right"]},
     {"id": "urgent", "kind": "echo", "payload": "priority 9", "priority": 9},
     {"id": "later", "kind": "echo", "payload": "after 1 s", "delay_s": 1},
+    {"id": "render", "kind": "echo", "payload": "needs a gpu", "requires": [GPU]},
     {"id": "doomed", "kind": "sleep", "payload": 60},
 ]
 CANCELLED = "doomed"
@@ -137,6 +140,7 @@ def _showcase(console: Console, cluster: Cluster) -> None:
         "dag-join": "ran after dag-left and dag-right",
         "urgent": "priority 9: overtook the backlog",
         "later": "delay_s=1: held by the scheduler",
+        "render": f"requires {GPU}: only the last worker has it",
         CANCELLED: "cancelled by the demo",
     }
     for item in SHOWCASE:
@@ -155,7 +159,7 @@ async def _cleanup_broker(url: str, namespace: str) -> None:
     connection = await connect(url, "leveret-demo-cleanup", connect_timeout_s=10)
     async with connection:
         channel = await connection.channel()
-        await delete_namespace(channel, Topology(namespace), ["default"])
+        await delete_namespace(channel, Topology(namespace), ["default"], requirement_sets=[[GPU]])
 
 
 def run_demo(*, workers: int, tasks: int, concurrency: int, timeout_s: float = 600.0) -> int:
@@ -172,7 +176,8 @@ def run_demo(*, workers: int, tasks: int, concurrency: int, timeout_s: float = 6
         cluster.start_tracker()
         cluster.start_scheduler()
         for i in range(1, workers + 1):
-            cluster.start_worker(f"demo-w{i}", "--concurrency", str(concurrency))
+            gpu = ["--capability", GPU] if i == workers else []
+            cluster.start_worker(f"demo-w{i}", "--concurrency", str(concurrency), *gpu)
         batch = sample_tasks(tasks, cluster.tracker_url, random.Random(4))
         started = time.monotonic()
         for start in range(0, len(batch), 500):

@@ -46,6 +46,8 @@ async def submit_command(
     pool: str | None,
     timeout_s: float | None,
     wait_timeout_s: float,
+    priority: int | None = None,
+    requires: list[str] | None = None,
 ) -> int:
     """Submit and print ids (or results with `wait`); the exit code is 1 if any task failed."""
     settings = CommonSettings()
@@ -60,6 +62,8 @@ async def submit_command(
                     id=task_id,
                     pool=pool,
                     timeout_s=timeout_s,
+                    priority=priority,
+                    requires=requires,
                 )
             ]
     except (LeveretError, ValidationError) as exc:

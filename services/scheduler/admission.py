@@ -40,6 +40,7 @@ from leveret.handlers import BUILTIN_KINDS
 from leveret.scheduler.dispatch import Announced, Dispatcher
 from leveret.scheduler.holds import ParentOutcome, describe_cycle, due_time, find_cycle, is_held
 from leveret.scheduler.store import BLOCKED, CLAIMED, DELAYED, Submission, SubmissionStore
+from leveret.topology import requirement_set
 
 _POOL_RE = re.compile(POOL_PATTERN)
 
@@ -105,19 +106,18 @@ def parse_body(body: bytes, max_bytes: int) -> SubmitTask:
 
 
 def check_supported(task: SubmitTask, kinds: KindCatalog) -> None:
-    """Refuse unknown kinds and the v1 fields this scheduler does not act on yet."""
+    """Refuse unknown kinds, and `requires` on a kind with a cluster-wide limit (its
+    single-active-consumer queue cannot also pick workers by capability)."""
     if task.kind not in kinds:
         raise SubmissionError(
             "unknown_kind",
             f"unknown kind {task.kind!r}; known kinds: {', '.join(kinds.names())}",
             422,
         )
-    unsupported = [name for name in ("requires",) if getattr(task, name) not in (None, [], 0)]
-    if unsupported:
+    if task.requires and task.kind in kinds.limited:
         raise SubmissionError(
             "unsupported",
-            f"field(s) {', '.join(unsupported)} are reserved in protocol v1 and not supported "
-            "by this scheduler yet",
+            f"kind {task.kind!r} has a cluster-wide limit; its tasks cannot also set requires",
             422,
         )
 
@@ -145,6 +145,7 @@ def envelope(
         timeout_s=task.timeout_s,
         max_retries=task.max_retries,
         priority=DEFAULT_PRIORITY if task.priority is None else task.priority,
+        requires=list(requirement_set(task.requires or ())),
     )
 
 

@@ -15,13 +15,22 @@ from typing import Literal
 from loguru import logger
 
 from leveret.amqp import Outgoing, json_message, publish_all, send_reply
-from leveret.contracts import AcceptedTask, TaskError, TaskResult, TasksAccepted, utcnow
+from leveret.contracts import (
+    AcceptedTask,
+    RequirementsDeclared,
+    TaskError,
+    TaskMessage,
+    TaskResult,
+    TasksAccepted,
+    utcnow,
+)
 from leveret.scheduler.store import Ending, Submission
 from leveret.topology import (
     RK_TASKS_ACCEPTED,
     DeclaredTopology,
     band_of,
     limited_key,
+    requirement_key,
     result_routing_key,
     work_key,
 )
@@ -37,6 +46,7 @@ class Dispatcher:
     def __init__(self, declared: DeclaredTopology, *, limited: Set[str] = frozenset()) -> None:
         self.declared = declared
         self.limited = limited  # kinds with a cluster-wide limit (updated as workers announce)
+        self._announced: set[str] = set()  # requirement sets this process has put on record
 
     async def send(
         self,
@@ -51,16 +61,19 @@ class Dispatcher:
         work = self.declared.exchange(topo.work_exchange)
         events = self.declared.exchange(topo.events_exchange)
         items: list[Outgoing] = []
+        new_sets: dict[str, RequirementsDeclared] = {}
         for s in dispatch:
             t = s.message
             message = json_message(t, message_id=t.id, correlation_id=t.correlation_id or t.id)
-            if t.kind in self.limited:
-                await self.declared.declare_limited(t.pool, t.kind)
-                key = limited_key(t.pool, t.kind)
-            else:
-                await self.declared.declare_pool(t.pool)
-                key = work_key(t.pool, band_of(t.priority))
+            key = await self._route(t)
+            if t.requires and key not in self._announced:
+                new_sets[key] = RequirementsDeclared(pool=t.pool, requires=t.requires)
             items.append(Outgoing(work, key, message))
+        stream = topo.requirements.name
+        for record in new_sets.values():
+            items.append(
+                Outgoing(self.declared.channel.default_exchange, stream, json_message(record))
+            )
         announced: list[tuple[Submission, Announced]] = [(s, "pending") for s in dispatch]
         announced += held
         for start in range(0, len(announced), _EVENT_CHUNK):
@@ -71,8 +84,21 @@ class Dispatcher:
             )
             items.append(Outgoing(events, RK_TASKS_ACCEPTED, json_message(event)))
         await publish_all(items)
+        self._announced.update(new_sets)
         for s, status in announced:
             logger.debug("task {} {} ({} on pool {})", s.id, status, s.message.kind, s.message.pool)
+
+    async def _route(self, t: TaskMessage) -> str:
+        """The routing key of a work message, its queue declared: the queue of its
+        requirement set, else its kind's limited queue, else its pool's priority band."""
+        if t.requires:
+            await self.declared.declare_requirement(t.pool, t.requires)
+            return requirement_key(t.pool, t.requires)
+        if t.kind in self.limited:
+            await self.declared.declare_limited(t.pool, t.kind)
+            return limited_key(t.pool, t.kind)
+        await self.declared.declare_pool(t.pool)
+        return work_key(t.pool, band_of(t.priority))
 
     async def end(self, endings: Sequence[tuple[Submission, Ending]]) -> None:
         """Publish the result of each task that ends without running, on the results
@@ -119,4 +145,5 @@ def _accepted(s: Submission, status: Announced) -> AcceptedTask:
         status=status,
         run_at=s.run_at,
         depends_on=list(s.depends_on),
+        requires=list(t.requires),
     )

@@ -19,7 +19,7 @@ from leveret.contracts import TaskStatus, utcnow
 from leveret.settings import TrackerSettings
 from leveret.tracker.state import AttemptOutcome, TaskRecord
 from leveret.tracker.store import MAX_PAGE, InvalidCursor, TrackerStore
-from leveret.tracker.workers import Death, WorkerState, WorkerView
+from leveret.tracker.workers import Death, WorkerState, WorkerView, unmet_requirements
 
 
 class ErrorView(BaseModel):
@@ -63,6 +63,8 @@ class TaskView(TaskSummary):
     attempts: list[AttemptView]
     run_at: datetime | None = None
     depends_on: list[str] = []
+    requires: list[str] = []
+    waiting_for: str | None = None
     progress: ProgressView | None = None
 
 
@@ -161,8 +163,8 @@ def _summary_fields(t: TaskRecord) -> dict[str, object]:
     }
 
 
-def task_view(t: TaskRecord) -> TaskView:
-    """The full view of a record."""
+def task_view(t: TaskRecord, waiting_for: str | None = None) -> TaskView:
+    """The full view of a record; `waiting_for` says why a queued task cannot start."""
     history = [
         AttemptView(
             attempt=a.attempt,
@@ -180,6 +182,8 @@ def task_view(t: TaskRecord) -> TaskView:
             "attempts": history,
             "run_at": t.run_at,
             "depends_on": list(t.depends_on),
+            "requires": list(t.requires),
+            "waiting_for": waiting_for,
             "progress": None
             if t.progress is None
             else {
@@ -239,7 +243,11 @@ def create_app(
         record = await store.get_task(task_id)
         if record is None:
             raise HTTPException(404, f"unknown task {task_id!r}")
-        return task_view(record)
+        waiting_for = None
+        if record.requires and record.status in (TaskStatus.PENDING, TaskStatus.RETRYING):
+            workers = await store.list_workers(clock())
+            waiting_for = unmet_requirements(record.pool, record.requires, workers)
+        return task_view(record, waiting_for)
 
     @app.get("/tasks", response_model=TaskPageView)
     async def list_tasks(

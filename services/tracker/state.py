@@ -92,6 +92,7 @@ class TaskRecord:
     run_at: datetime | None = None
     depends_on: tuple[str, ...] = ()
     progress: Progress | None = None
+    requires: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,6 +190,7 @@ def apply_accepted(record: TaskRecord | None, item: AcceptedTask) -> TaskRecord:
             submitted_at=item.submitted_at,
             run_at=item.run_at,
             depends_on=tuple(item.depends_on),
+            requires=tuple(item.requires),
         )
     if record.status in _HELD_ORDER and _HELD_ORDER[status] > _HELD_ORDER[record.status]:
         record_status = status
@@ -205,6 +207,7 @@ def apply_accepted(record: TaskRecord | None, item: AcceptedTask) -> TaskRecord:
             submitted_at=record.submitted_at or item.submitted_at,
             run_at=record.run_at or item.run_at,
             depends_on=record.depends_on or tuple(item.depends_on),
+            requires=record.requires or tuple(item.requires),
         ),
     )
 

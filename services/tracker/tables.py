@@ -56,6 +56,7 @@ tasks = Table(
     Column("run_at", UtcDateTime),  # a delayed task's due time
     Column("depends_on", JSON),  # the ids a blocked task waits for
     Column("progress", JSON),  # the current attempt's latest report: fraction, message, at
+    Column("requires", JSON),  # the capabilities a worker needs to run it
 )
 
 attempts = Table(
@@ -131,6 +132,7 @@ def task_row(record: TaskRecord) -> dict[str, Any]:
         "run_at": record.run_at,
         "depends_on": list(record.depends_on) or None,
         "progress": _progress_json(record.progress),
+        "requires": list(record.requires) or None,
     }
 
 
@@ -187,6 +189,7 @@ def to_task(row: Row[Any], history: tuple[Attempt, ...] = ()) -> TaskRecord:
         run_at=row.run_at,
         depends_on=tuple(row.depends_on or ()),
         progress=_progress_of(row.progress),
+        requires=tuple(row.requires or ()),
     )
 
 

@@ -218,3 +218,22 @@ def overdue(
         if (now - max(worker.last_seen, since)).total_seconds() > timeout_s:
             due.append(Overdue(worker, (now - worker.last_seen).total_seconds()))
     return sorted(due, key=lambda o: o.worker.id)
+
+
+def unmet_requirements(
+    pool: str | None, requires: Iterable[str], workers: Iterable[WorkerView]
+) -> str | None:
+    """Why a queued task that needs `requires` cannot start now: no live worker of its
+    pool has every one of those capabilities. None when one has (or nothing is needed)."""
+    needed = set(requires)
+    if not needed:
+        return None
+    for view in workers:
+        r = view.record
+        live = view.state is WorkerState.ALIVE and r is not None and r.pool == pool
+        if live and r is not None and needed.issubset(r.capabilities):
+            return None
+    return (
+        f"no live worker in pool {pool!r} has every capability it requires "
+        f"({', '.join(sorted(needed))}); it waits in its queue until one starts"
+    )

@@ -45,6 +45,7 @@ from leveret.contracts import (
     FENCED_MARKER,
     REPLY_RESULT,
     CancelTask,
+    RequirementsDeclared,
     StartedTask,
     TaskError,
     TaskMessage,
@@ -69,6 +70,8 @@ from leveret.topology import (
     RK_WORKER_STOPPED,
     Band,
     DeclaredTopology,
+    band_of,
+    requirement_key,
     result_routing_key,
 )
 from leveret.worker.execution import Executor, Outcome, failure, retry_delay_s
@@ -124,6 +127,7 @@ class Worker:
         self._attempts: dict[str, asyncio.Task[Outcome]] = {}
         self._cancelled: dict[str, str] = {}  # task id -> reason, from the cancellations stream
         self._holding: set[asyncio.Task[Any]] = set()  # deliveries waiting or running
+        self._draining = False  # set when a graceful stop begins: take no new queues
         self._declared: DeclaredTopology | None = None
         self._rng = random.Random()
 
@@ -201,13 +205,16 @@ class Worker:
             async with asyncio.TaskGroup() as group:
                 beats = group.create_task(self._heartbeats(), name="heartbeats")
                 flusher = group.create_task(self._reports.run(lambda: self.id), name="reports")
+                self._draining = False
                 consumers = await self._consume(connection)
+                await self._follow_requirements(connection, consumers)
                 logger.info(
-                    "worker {} ready: pool {}, concurrency {}, kinds {}",
+                    "worker {} ready: pool {}, concurrency {}, kinds {}, capabilities {}",
                     self.id,
                     s.pool,
                     s.concurrency,
                     ",".join(self.info.kinds),
+                    ",".join(self.info.capabilities) or "-",
                 )
                 if ready is not None:
                     ready.set()
@@ -250,6 +257,43 @@ class Worker:
             consumers.append((limited, await limited.consume(on_message)))
         return consumers
 
+    async def _follow_requirements(
+        self, connection: AbstractRobustConnection, consumers: list[tuple[Any, str]]
+    ) -> None:
+        """Consume the queue of every requirement set of this pool whose tags this worker
+        all has: those on record (the stream, read from its start) and each new one as
+        the scheduler declares it. A task nobody can run waits there, unconsumed."""
+        s = self.settings
+        mine = set(s.capabilities)
+        if not mine:
+            return  # a worker without capabilities serves no requirement set
+        records = await connection.channel(publisher_confirms=False)
+        await records.set_qos(prefetch_count=100)  # streams need a prefetch
+        stream = await records.get_queue(s.topology.requirements.name)
+        work = await open_channel(connection, prefetch=s.concurrency)
+        joined: set[str] = set()
+
+        async def on_record(message: AbstractIncomingMessage) -> None:
+            try:
+                record = RequirementsDeclared.model_validate_json(message.body)
+            except ValidationError as exc:
+                logger.warning("ignoring a malformed requirements record: {}", exc)
+            else:
+                key = requirement_key(record.pool, record.requires)
+                wanted = record.pool == s.pool and mine.issuperset(record.requires)
+                if wanted and key not in joined and not self._draining:
+                    joined.add(key)
+                    assert self._declared is not None
+                    declared = await self._declared.declare_requirement(s.pool, record.requires)
+                    queue = await work.get_queue(declared.name)
+                    tag = await queue.consume(functools.partial(self.on_message, None, None))
+                    consumers.append((queue, tag))
+                    tags = ",".join(record.requires)
+                    logger.info("worker {} consumes {} (requires {})", self.id, queue.name, tags)
+            await message.ack()
+
+        await stream.consume(on_record, arguments={"x-stream-offset": "first"})
+
     def _abandon(self, reasons: list[str]) -> SessionEnd:
         """The connection is gone: its deliveries were requeued, so stop their attempts."""
         reason = "; ".join(reasons) or "connection lost"
@@ -267,6 +311,7 @@ class Worker:
     async def _drain(self, consumers: list[tuple[Any, str]]) -> None:
         """Stop taking work; let running tasks finish within the grace period and give
         back at once what waits for a slot."""
+        self._draining = True
         for queue, tag in consumers:
             await queue.cancel(tag)
         running = set(self._in_flight.values())
@@ -314,16 +359,19 @@ class Worker:
     # --- one delivery ----------------------------------------------------------------------
 
     async def on_message(
-        self, band: Band, pacer: StartPacer | None, message: AbstractIncomingMessage
+        self, band: Band | None, pacer: StartPacer | None, message: AbstractIncomingMessage
     ) -> None:
         """Wait for a slot (by band weight; and for the kind's start rate if limited),
-        run one attempt, and settle the delivery once its outcome is confirmed."""
+        run one attempt, and settle the delivery once its outcome is confirmed. A
+        delivery from a queue without a band (a requirement set's) takes its task's."""
         try:
             task = TaskMessage.model_validate_json(message.body)
         except ValidationError as exc:
             logger.error("undecodable work message {} dead-lettered: {}", message.message_id, exc)
             await message.reject(requeue=False)
             return
+        if band is None:
+            band = band_of(task.priority)
         current = asyncio.current_task()
         assert current is not None
         self._holding.add(current)

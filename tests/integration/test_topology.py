@@ -26,7 +26,14 @@ async def test_declaring_twice_succeeds_and_delete_removes_everything(
             f"{namespace}.work.default.high",
             f"{namespace}.work.default.low",
         }
-        await delete_namespace(channel, topology, ["default"])
+        required = await second.declare_requirement("default", ["tpu", "gpu"])
+        assert required.name == f"{namespace}.work.default.req.gpu+tpu"
+        again = await topology.declare(channel)
+        assert (await again.declare_requirement("default", ["gpu", "tpu"])).name == required.name
+        await delete_namespace(channel, topology, ["default"], requirement_sets=[["gpu", "tpu"]])
         check = await connection.channel()
         with pytest.raises(Exception, match="NOT_FOUND"):
             await check.declare_queue(topology.intake.name, passive=True)
+        check = await connection.channel()
+        with pytest.raises(Exception, match="NOT_FOUND"):
+            await check.declare_queue(required.name, passive=True)

@@ -48,10 +48,20 @@ def test_unknown_kind_lists_known_ones() -> None:
     assert kinds.add(["resize", "thumb"]) == {"thumb"}
 
 
-def test_reserved_fields_are_refused_until_supported() -> None:
-    with pytest.raises(SubmissionError) as info:
-        check_supported(SubmitTask(kind="echo", requires=["gpu"]), KindCatalog())
+def test_requires_is_refused_only_on_a_limited_kind() -> None:
+    kinds = KindCatalog()
+    check_supported(SubmitTask(kind="echo", requires=["gpu"]), kinds)
+    kinds.limited.add("echo")
+    check_supported(SubmitTask(kind="echo"), kinds)
+    with pytest.raises(SubmissionError, match="cluster-wide limit") as info:
+        check_supported(SubmitTask(kind="echo", requires=["gpu"]), kinds)
     assert info.value.code == "unsupported"
+
+
+def test_envelope_keeps_requirements_in_canonical_form() -> None:
+    task = SubmitTask(kind="echo", requires=["region-eu", "gpu", "gpu"])
+    assert envelope(task).requires == ["gpu", "region-eu"]
+    assert envelope(SubmitTask(kind="echo")).requires == []
 
 
 def test_envelope_defaults() -> None:
