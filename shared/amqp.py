@@ -42,6 +42,9 @@ BROKER_EXCEPTIONS: tuple[type[Exception], ...] = (
     asyncio.TimeoutError,
 )
 
+#: Why a publish may not be confirmed: nacked, unroutable, or the link is in trouble.
+UNCONFIRMED: tuple[type[Exception], ...] = (PublishError, *BROKER_EXCEPTIONS)
+
 JSON = "application/json"
 T = TypeVar("T")
 
@@ -220,6 +223,15 @@ async def ack_batch(done: Sequence[AbstractIncomingMessage]) -> None:
             await delivery.ack(multiple=True)
         except BROKER_EXCEPTIONS as exc:
             logger.warning("ack not sent (the broker will redeliver): {}", exc)
+
+
+async def return_to_queue(delivery: AbstractIncomingMessage) -> None:
+    """Give a delivery back to its queue for redelivery (``reject(requeue=True)``); if its
+    channel is gone the broker has requeued it already."""
+    try:
+        await delivery.reject(requeue=True)
+    except BROKER_EXCEPTIONS as exc:
+        logger.debug("delivery not returned (the broker requeued it): {}", exc)
 
 
 def delivery_count(message: AbstractIncomingMessage) -> int:

@@ -227,6 +227,23 @@ class TasksAccepted(_Model):
     tasks: list[AcceptedTask]
 
 
+class EndedTask(_Model):
+    """One task in a :class:`TasksEnded` event: its recorded (first) terminal outcome."""
+
+    id: str
+    status: Literal["completed", "failed", "cancelled"]
+    error_type: str | None = None
+
+
+class TasksEnded(_Model):
+    """Event: the tracker committed these outcomes. Sent after its database commit,
+    one event per batch; the scheduler releases or ends the tasks that wait for them."""
+
+    type: Literal["tasks.ended"] = "tasks.ended"
+    v: Literal[1] = 1
+    tasks: list[EndedTask]
+
+
 class StartedTask(_Model):
     """One task in a :class:`TasksStarted` event."""
 
@@ -357,6 +374,7 @@ class RequirementsDeclared(_Model):
 
 Event = Annotated[
     TasksAccepted
+    | TasksEnded
     | TasksStarted
     | TaskRetrying
     | TaskProgress
@@ -385,6 +403,7 @@ PUBLISHED_MODELS: dict[str, type[BaseModel]] = {
     "task-message": TaskMessage,
     "task-result": TaskResult,
     "tasks-accepted": TasksAccepted,
+    "tasks-ended": TasksEnded,
     "tasks-started": TasksStarted,
     "task-retrying": TaskRetrying,
     "task-progress": TaskProgress,

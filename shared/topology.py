@@ -15,6 +15,8 @@ namespace: ``leveret.submit``, ``leveret.results``, ``leveret.events``.
                                  (tasks that require capabilities a and b)
     leveret.results (topic, <status>.<pool>.<kind>) --#--> leveret.tracker (quorum)
     leveret.events  (topic, task.* / worker.*)      --#--> leveret.tracker
+                    --task.ended--> leveret.scheduler.outcomes (quorum; the tracker's
+                                    committed outcomes release blocked tasks)
                     --task.cancel--> leveret.cancellations (stream, 1 day; every worker reads it)
     leveret.requirements (stream): every requirement set the scheduler routes to;
                     workers read it from the start and consume the sets they satisfy
@@ -48,6 +50,7 @@ DEFAULT_NAMESPACE = "leveret"
 #: Routing keys on the events exchange.
 RK_TASKS_ACCEPTED = "task.accepted"
 RK_TASKS_STARTED = "task.started"
+RK_TASKS_ENDED = "task.ended"
 RK_TASK_RETRYING = "task.retrying"
 RK_TASK_PROGRESS = "task.progress"
 RK_TASK_CANCEL = "task.cancel"
@@ -232,7 +235,8 @@ class Topology:
 
     @property
     def scheduler_outcomes(self) -> QueueSpec:
-        """The scheduler's copy of every result: it releases or ends dependants."""
+        """The scheduler's inbox of `tasks.ended` events: the outcomes the tracker
+        committed, which release or end the tasks that depend on them."""
         return QueueSpec(
             f"{self.namespace}.scheduler.outcomes",
             _quorum(self.dead_exchange, RK_REJECTED, INTAKE_DELIVERY_LIMIT),
@@ -319,6 +323,8 @@ class Topology:
         cancellations = await self.cancellations.declare(channel)
         await cancellations.bind(ex[self.events_exchange], RK_TASK_CANCEL)
         await self.requirements.declare(channel)
+        outcomes = await self.scheduler_outcomes.declare(channel)
+        await outcomes.bind(ex[self.events_exchange], RK_TASKS_ENDED)
         return DeclaredTopology(self, channel, ex)
 
 

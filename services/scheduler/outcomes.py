@@ -1,14 +1,19 @@
-"""The scheduler's view of how tasks end: its own queue on the results exchange.
+"""The scheduler's view of how tasks end: `tasks.ended` events from the tracker.
 
-Every result flows through ``<namespace>.scheduler.outcomes`` (a durable quorum
-queue bound with ``#``), so outcomes published while the scheduler is down wait
-there. Deliveries are taken in batches: ONE store transaction records the
-terminal outcome of each task the store knows (the first one wins; unknown ids
-cost an UPDATE that matches nothing), and returns the blocked tasks waiting for
-those ids, which the :class:`~leveret.scheduler.dependencies.Resolver` then
-releases or ends. The batch is acked (``multiple=True``) only after the commit
-and the resolution; an undecodable delivery is rejected, so the queue
-dead-letters it, never acked and forgotten.
+The tracker, which consumes every result anyway, publishes the outcomes it
+committed as one `tasks.ended` event per batch (after its commit, before its
+ack) to ``<namespace>.scheduler.outcomes``, a durable quorum queue, so outcomes
+sent while the scheduler is down wait there. Consuming one small event per
+tracker batch instead of every result is what keeps dependencies cheap.
+
+Events are taken in batches: ONE store transaction records the terminal outcome
+of each task the store knows (the first one wins; unknown ids cost an UPDATE
+that matches nothing), and returns the blocked tasks waiting for those ids,
+which the :class:`~leveret.scheduler.dependencies.Resolver` then releases or
+ends. The batch is acked (``multiple=True``) only after the commit and the
+resolution; an undecodable delivery is rejected, so the queue dead-letters it,
+never acked and forgotten. A plain result (what the queue carried before
+version 0.2, when it was bound to the results exchange) is still understood.
 """
 
 from __future__ import annotations
@@ -26,9 +31,9 @@ from loguru import logger
 from pydantic import ValidationError
 from tenacity import AsyncRetrying, retry_if_exception, wait_exponential_jitter
 
-from leveret.amqp import BROKER_EXCEPTIONS, ack_batch, open_channel
+from leveret.amqp import BROKER_EXCEPTIONS, ack_batch, open_channel, return_to_queue
 from leveret.batching import fill_batch
-from leveret.contracts import TaskResult, TaskStatus
+from leveret.contracts import TaskResult, TasksEnded, TaskStatus, decode_event
 from leveret.db import is_transient
 from leveret.scheduler.dependencies import Resolver
 from leveret.scheduler.store import SubmissionStore
@@ -69,11 +74,12 @@ class Outcomes:
         self._tag: str | None = None
 
     async def start(self, connection: AbstractRobustConnection) -> None:
-        """Declare and bind the queue, and start consuming it."""
+        """Start consuming the queue (declared and bound with the topology)."""
         self._channel = await open_channel(connection, prefetch=self.prefetch)
         self._queue = await self.topology.scheduler_outcomes.declare(self._channel)
+        # Before 0.2 the queue took every result; that binding is no longer wanted.
         results = await self._channel.get_exchange(self.topology.results_exchange)
-        await self._queue.bind(results, "#")
+        await self._queue.unbind(results, "#")
         self._tag = await self._queue.consume(self._on_message)
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
@@ -105,16 +111,13 @@ class Outcomes:
         kept: list[AbstractIncomingMessage] = []
         for delivery in batch:
             try:
-                result = TaskResult.model_validate_json(delivery.body)
-            except ValidationError as exc:
+                outcomes += _outcomes(delivery.body)
+            except ValueError as exc:
                 logger.warning("outcome {} dead-lettered: {}", delivery.message_id, exc)
                 with contextlib.suppress(*BROKER_EXCEPTIONS):
                     await delivery.reject(requeue=False)
                 continue
             kept.append(delivery)
-            if result.status in RECORDED:
-                error = result.error.type if result.error is not None else None
-                outcomes.append((result.id, str(result.status), error))
         try:
             waiting = await self._record(outcomes)
             if waiting:
@@ -122,8 +125,7 @@ class Outcomes:
         except Exception:  # loop boundary: give the batch back; the delivery limit counts
             logger.exception("recording {} outcomes failed; returning them", len(kept))
             for delivery in kept:
-                with contextlib.suppress(Exception):
-                    await delivery.reject(requeue=True)
+                await return_to_queue(delivery)
             return
         self.recorded += len(outcomes)
         await ack_batch(kept)
@@ -141,3 +143,19 @@ class Outcomes:
             with attempt:
                 return await self.store.record_outcomes(outcomes)
         raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _outcomes(body: bytes) -> list[tuple[str, str, str | None]]:
+    """(id, status, error type) of each outcome that ends a parent, from a `tasks.ended`
+    event or a plain result; raises ValueError for anything else."""
+    try:
+        event = decode_event(body)
+    except ValidationError:
+        result = TaskResult.model_validate_json(body)  # the pre-0.2 form
+        if result.status not in RECORDED:
+            return []
+        error = result.error.type if result.error is not None else None
+        return [(result.id, str(result.status), error)]
+    if not isinstance(event, TasksEnded):
+        raise ValueError(f"unexpected event {event.type!r} on the outcomes queue")
+    return [(t.id, t.status, t.error_type) for t in event.tasks if t.status in RECORDED]

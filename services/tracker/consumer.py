@@ -21,6 +21,7 @@ from datetime import datetime
 
 from aio_pika.abc import (
     AbstractChannel,
+    AbstractExchange,
     AbstractIncomingMessage,
     AbstractQueue,
     AbstractRobustChannel,
@@ -30,13 +31,26 @@ from loguru import logger
 from pydantic import ValidationError
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_exponential_jitter
 
-from leveret.amqp import BROKER_EXCEPTIONS, ack_batch, open_channel
+from leveret.amqp import (
+    BROKER_EXCEPTIONS,
+    UNCONFIRMED,
+    Outgoing,
+    ack_batch,
+    chunks,
+    json_message,
+    open_channel,
+    publish_all,
+    return_to_queue,
+)
 from leveret.batching import fill_batch
-from leveret.contracts import TaskResult, decode_event, utcnow
+from leveret.contracts import EndedTask, TaskResult, TasksEnded, decode_event, utcnow
 from leveret.db import is_transient
-from leveret.topology import Topology
+from leveret.topology import RK_TASKS_ENDED, Topology
 from leveret.tracker.state import TrackerMessage
-from leveret.tracker.store import TrackerStore
+from leveret.tracker.store import Applied, TrackerStore
+
+#: Outcomes per `tasks.ended` event (a batch may hold more).
+ENDED_PER_EVENT = 1000
 
 
 class Undecodable(ValueError):
@@ -88,6 +102,7 @@ class Consumer:
         self._channel: AbstractChannel | None = None
         self._queue: AbstractQueue | None = None
         self._tag: str | None = None
+        self._events: AbstractExchange | None = None
         self._stopping = False
         self._idle = False
         self._caught_up = utcnow()
@@ -125,6 +140,7 @@ class Consumer:
             self._channel.reopen_callbacks.add(self._reopened)
         self._listening_since = utcnow()
         self._queue = await self.topology.tracker.declare(self._channel)
+        self._events = await self._channel.get_exchange(self.topology.events_exchange)
         self._tag = await self._queue.consume(self._on_message)
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
@@ -190,17 +206,21 @@ class Consumer:
         if not decoded:
             return
         try:
-            await self._apply([m for _, m in decoded])
-            done = [d for d, _ in decoded]
+            applied = await self._apply([m for _, m in decoded])
+            done, ended = [d for d, _ in decoded], list(applied.ended)
         except Exception:  # the store refuses the batch: find the message(s) it refuses
             logger.exception(
                 "tracker store refused a batch of {}; applying one by one", len(decoded)
             )
-            done = await self._apply_one_by_one(decoded)
+            done, ended = await self._apply_one_by_one(decoded)
+        if ended and not await self._tell_scheduler(ended):
+            for delivery in done:  # applied again on redelivery (a no-op), then told
+                await return_to_queue(delivery)
+            return
         self.applied += len(done)
         await ack_batch(done)
 
-    async def _apply(self, messages: list[TrackerMessage]) -> None:
+    async def _apply(self, messages: list[TrackerMessage]) -> Applied:
         """Apply in one transaction, waiting out transient database failures."""
         async for attempt in AsyncRetrying(
             wait=wait_exponential_jitter(multiplier=0.05, max=5.0, jitter=0.2),
@@ -209,21 +229,40 @@ class Consumer:
             reraise=True,
         ):
             with attempt:
-                await self.store.apply(messages)
+                return await self.store.apply(messages)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def _apply_one_by_one(
         self, decoded: list[tuple[AbstractIncomingMessage, TrackerMessage]]
-    ) -> list[AbstractIncomingMessage]:
+    ) -> tuple[list[AbstractIncomingMessage], list[EndedTask]]:
         done: list[AbstractIncomingMessage] = []
+        ended: list[EndedTask] = []
         for delivery, message in decoded:
             try:
-                await self._apply([message])
+                applied = await self._apply([message])
             except Exception as exc:  # loop boundary: one bad message must not stop the tracker
                 logger.exception("tracker store refused message {}", delivery.message_id)
                 await self._refuse(delivery, f"store refused it: {type(exc).__name__}")
             else:
                 done.append(delivery)
-        return done
+                ended += applied.ended
+        return done, ended
+
+    async def _tell_scheduler(self, ended: list[EndedTask]) -> bool:
+        """Publish the committed outcomes as `tasks.ended` (confirmed) before the batch is
+        acked: the scheduler releases or ends the tasks waiting for them. False if the
+        broker did not confirm (the batch then goes back to the queue)."""
+        assert self._events is not None
+        events = [
+            Outgoing(self._events, RK_TASKS_ENDED, json_message(TasksEnded(tasks=list(part))))
+            for part in chunks(ended, ENDED_PER_EVENT)
+        ]
+        try:
+            await publish_all(events)
+        except UNCONFIRMED as exc:
+            logger.warning("tasks.ended not confirmed ({}); returning the batch", exc)
+            return False
+        return True
 
     async def _refuse(self, delivery: AbstractIncomingMessage, reason: str) -> None:
         """Dead-letter one delivery (reject without requeue) and say why."""

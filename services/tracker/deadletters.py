@@ -18,7 +18,6 @@ database failures are waited out, anything else parks the message in `rejected`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
@@ -41,6 +40,7 @@ from leveret.amqp import (
     json_message,
     open_channel,
     publish_all,
+    return_to_queue,
     send_reply,
 )
 from leveret.contracts import REPLY_RESULT, TaskError, TaskMessage, TaskResult, TaskStatus
@@ -172,8 +172,7 @@ class DeadLetters:
                 GIVE_BACK_AFTER_S,
             )
             await asyncio.sleep(GIVE_BACK_AFTER_S)  # a back-off, not a synchronisation
-            with contextlib.suppress(*BROKER_EXCEPTIONS):
-                await delivery.reject(requeue=True)
+            await return_to_queue(delivery)
             return
         self.handled += 1
         try:

@@ -11,8 +11,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Literal
 
 from leveret.contracts import (
+    EndedTask,
     TaskProgress,
     TaskResult,
     TaskRetrying,
@@ -69,6 +71,14 @@ def load_ids(messages: Iterable[TrackerMessage]) -> tuple[set[str], set[str]]:
         tasks.update(t)
         workers.update(w)
     return tasks, workers
+
+
+#: Terminal statuses whose tasks may have dependants waiting (`rejected` ones never ran).
+_ENDED: dict[TaskStatus, Literal["completed", "failed", "cancelled"]] = {
+    TaskStatus.COMPLETED: "completed",
+    TaskStatus.FAILED: "failed",
+    TaskStatus.CANCELLED: "cancelled",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +190,22 @@ class Ledger:
         note = worker_change(before, after, self.heartbeat_timeout_s)
         if note is not None:
             self.worker_notes.append((worker_id, note))
+
+    def ended(self, messages: Iterable[TrackerMessage]) -> list[EndedTask]:
+        """The recorded outcome of each task a result in `messages` is about, when it
+        ended completed, failed or cancelled: what the scheduler must hear (again after
+        a redelivery, since the tracker may have died before it told the scheduler)."""
+        found: dict[str, EndedTask] = {}
+        for message in messages:
+            if not isinstance(message, TaskResult) or message.id in found:
+                continue
+            record = self.tasks.get(message.id)
+            if record is not None and record.status in _ENDED:
+                status = _ENDED[record.status]
+                found[record.id] = EndedTask(
+                    id=record.id, status=status, error_type=record.error_type
+                )
+        return list(found.values())
 
     def changed_tasks(self) -> Iterable[tuple[TaskRecord | None, TaskRecord]]:
         """(as loaded, as now) for every task changed; None = new task."""

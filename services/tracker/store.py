@@ -26,7 +26,7 @@ from loguru import logger
 from sqlalchemy import bindparam, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from leveret.contracts import TaskStatus
+from leveret.contracts import EndedTask, TaskStatus
 from leveret.db import create_engine, insert_for
 from leveret.tracker.ledger import Ledger, TaskChange, load_ids
 from leveret.tracker.state import Attempt, TaskRecord, TrackerMessage, WorkerCounters
@@ -74,10 +74,11 @@ class TaskPage:
 
 @dataclass(frozen=True)
 class Applied:
-    """What one batch changed."""
+    """What one batch changed, and the outcomes to tell the scheduler (`tasks.ended`)."""
 
     transitions: int
     workers: int
+    ended: tuple[EndedTask, ...] = ()
 
 
 def encode_cursor(seq: int) -> str:
@@ -141,7 +142,7 @@ class TrackerStore:
                     _log_change(change)
             await self._write(conn, ledger)
         _log_notes(ledger)
-        return Applied(transitions, len(ledger.changed_workers()))
+        return Applied(transitions, len(ledger.changed_workers()), tuple(ledger.ended(messages)))
 
     async def declare_dead(self, worker_id: str, at: datetime, death: Death) -> int:
         """Record the watchdog's verdict in ONE transaction. When the worker's deliveries

@@ -33,12 +33,14 @@ from pydantic import ValidationError
 from leveret import __version__
 from leveret.amqp import (
     BROKER_EXCEPTIONS,
+    UNCONFIRMED,
     Outgoing,
     connect,
     delivery_count,
     json_message,
     open_channel,
     publish_all,
+    return_to_queue,
     send_reply,
 )
 from leveret.contracts import (
@@ -59,7 +61,7 @@ from leveret.contracts import (
     decode_event,
     utcnow,
 )
-from leveret.errors import BrokerError, PublishError
+from leveret.errors import BrokerError
 from leveret.handlers import Registry, TaskContext
 from leveret.settings import WorkerSettings
 from leveret.topology import (
@@ -81,8 +83,6 @@ from leveret.worker.reports import Reports
 
 #: What ends a session attempt early; the worker backs off and starts a new one.
 SESSION_ERRORS: tuple[type[Exception], ...] = (BrokerError, *BROKER_EXCEPTIONS)
-#: Why an outcome may not be confirmed; the delivery then goes back to the queue.
-UNCONFIRMED: tuple[type[Exception], ...] = (PublishError, *BROKER_EXCEPTIONS)
 
 
 class SessionEnd(Enum):
@@ -381,7 +381,7 @@ class Worker:
                     await pacer.wait()
                 await self._gate.enter(band)
             except asyncio.CancelledError:
-                await _return_to_queue(message)
+                await return_to_queue(message)
                 raise
             try:
                 await self._run(task, message)
@@ -402,11 +402,11 @@ class Worker:
                 outcome = await self._attempt_unless_cancelled(task, attempt)
                 await self._settle(task, attempt, started_at, outcome, message)
         except asyncio.CancelledError:
-            await _return_to_queue(message)
+            await return_to_queue(message)
             raise
         except UNCONFIRMED as exc:
             logger.warning("outcome of task {} not confirmed ({}); returning it", task.id, exc)
-            await _return_to_queue(message)
+            await return_to_queue(message)
         finally:
             self._in_flight.pop(task.id, None)
             self._reports.finished(task.id)
@@ -595,9 +595,3 @@ async def _first(*aws: Any) -> None:
         for t in tasks:
             if not t.done():
                 t.cancel()
-
-
-async def _return_to_queue(message: AbstractIncomingMessage) -> None:
-    # If the channel is gone the broker has requeued it already.
-    with contextlib.suppress(*BROKER_EXCEPTIONS):
-        await message.reject(requeue=True)

@@ -4,12 +4,14 @@ delayed tasks (`delay_s`, `run_at`), through the HTTP API and plain AMQP."""
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import time
 import uuid
 from datetime import datetime, timedelta
 from typing import Any
 
+import aio_pika
 import httpx
 import pytest
 from helpers import TrackerApi, eventually, report
@@ -265,3 +267,44 @@ async def test_a_blocked_task_survives_a_scheduler_kill(cluster: Cluster) -> Non
         f"blocked task after a scheduler SIGKILL: completed {time.monotonic() - restarted:.2f} s "
         "after the restart began"
     )
+
+
+async def test_a_parent_that_ends_while_the_tracker_is_down_still_releases(
+    cluster: Cluster,
+) -> None:
+    """The scheduler hears outcomes from the tracker (`tasks.ended`, after its commit): a
+    result that waits in the tracker's queue through a SIGKILL releases its child later."""
+    tracker = cluster.start_tracker()
+    cluster.start_scheduler()
+    cluster.start_worker("w1", "--concurrency", "4")
+    parent, child = uid("parent"), uid("child")
+    connection = await aio_pika.connect(cluster.amqp_url)
+    api = TrackerApi(cluster.tracker_url)
+    try:
+        channel = await connection.channel()
+        results = await channel.declare_queue(exclusive=True)
+        await results.bind(f"{cluster.namespace}.results", "completed.#")
+        r = await submit_batch(
+            cluster,
+            [
+                {"id": parent, "kind": "sleep", "payload": 1.0},
+                {"id": child, "kind": "echo", "payload": "after", "depends_on": [parent]},
+            ],
+        )
+        assert r.status_code == 202, r.text
+        await wait_status(api, parent, "running", 10)
+        tracker.send(signal.SIGKILL)
+        await asyncio.to_thread(tracker.proc.wait, 10)
+        async with results.iterator(timeout=15) as stream:
+            async for message in stream:  # the parent's result, published while it is down
+                await message.ack()
+                if json.loads(message.body)["id"] == parent:
+                    break
+        await asyncio.to_thread(cluster.start_tracker)
+        done = await wait_status(api, child, "completed", 30)
+        parent_state = await api.task(parent)
+    finally:
+        await api.close()
+        await connection.close()
+    assert done["result"] == "after" and parent_state["status"] == "completed"
+    assert at(done["started_at"]) >= at(parent_state["finished_at"])
