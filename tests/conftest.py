@@ -23,6 +23,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import httpx
 import pytest
+from helpers import drop_namespace
 
 from leveret.cli.procs import Cluster
 
@@ -155,38 +156,6 @@ def cluster(
         for service in c.services:
             print(f"----- {service.name} log -----\n{service.log()[-4000:]}")
     drop_namespace(amqp_url, namespace)
-
-
-def drop_namespace(
-    url: str,
-    namespace: str,
-    pools: tuple[str, ...] = ("default",),
-    requirement_sets: list[list[str]] | None = None,
-) -> None:
-    """Delete a test's queues and exchanges right away: deleting a vhost that holds
-    hundreds of quorum queues at once can stall a small broker for minutes."""
-    import pika
-
-    from leveret.topology import Band, Topology
-
-    topology = Topology(namespace)
-    queues = [q.name for q in topology.fixed_queues()]
-    queues += [topology.work(p, b).name for p in pools for b in Band]
-    queues += [topology.requirement(p, r).name for p in pools for r in requirement_sets or []]
-    params = pika.URLParameters(url)
-    params.client_properties = {"connection_name": f"test-cleanup-{namespace}"}
-    try:
-        connection = pika.BlockingConnection(params)
-    except pika.exceptions.AMQPError:
-        return
-    try:
-        channel = connection.channel()
-        for name in queues:
-            channel.queue_delete(name)
-        for name in topology.exchange_names():
-            channel.exchange_delete(name)
-    finally:
-        connection.close()
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

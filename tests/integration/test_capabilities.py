@@ -9,8 +9,7 @@ from collections import Counter
 import aio_pika
 import httpx
 import pytest
-from conftest import drop_namespace
-from helpers import TrackerApi, eventually, report
+from helpers import TrackerApi, drop_namespace, eventually, report
 
 from leveret.cli.procs import Cluster
 from leveret.client import Client
