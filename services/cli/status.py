@@ -38,13 +38,14 @@ def show_status(tracker_url: str, *, as_json: bool = False) -> int:
     console.print(counts)
 
     table = Table(title=f"Workers ({len(workers)})")
-    for col in ("id", "state", "pool", "busy", "completed", "failed", "last seen"):
+    for col in ("id", "state", "pool", "capabilities", "busy", "completed", "failed", "last seen"):
         table.add_column(col)
     for w in workers:
         table.add_row(
             str(w["id"]),
             str(w.get("state")),
             str(w.get("pool")),
+            ",".join(w.get("capabilities") or []) or "-",
             f"{len(w.get('in_flight') or [])}/{w.get('concurrency')}",
             str(w.get("completed", 0)),
             str(w.get("failed", 0)),
