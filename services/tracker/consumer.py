@@ -1,13 +1,16 @@
 """Consumes the tracker queue in batches.
 
 Ack timing: a batch is acked (one ``ack(multiple=True)`` per channel) only after
-the store committed it. A message that cannot be decoded is rejected without
-requeue, so the queue dead-letters it to the `rejected` queue; it is never acked
-and forgotten. When the database is unavailable the same batch is retried with
-backoff and stays unacked (back-pressure through the prefetch window, not loss).
-If the store refuses a batch for another reason, its messages are applied one by
-one and only the ones it still refuses are dead-lettered. Redelivered messages
-are harmless: applying a message twice changes nothing.
+the store committed it and, when it held results, after the broker confirmed the
+`tasks.ended` event that tells the scheduler those outcomes (unconfirmed: the
+batch goes back to the queue, is applied again as a no-op, and told). A message
+that cannot be decoded is rejected without requeue, so the queue dead-letters it
+to the `rejected` queue; it is never acked and forgotten. When the database is
+unavailable the same batch is retried with backoff and stays unacked
+(back-pressure through the prefetch window, not loss). If the store refuses a
+batch for another reason, its messages are applied one by one and only the ones
+it still refuses are dead-lettered. Redelivered messages are harmless: applying
+a message twice changes nothing.
 
 :meth:`Consumer.caught_up_at` and :meth:`Consumer.listening_since` tell the watchdog
 what the tracker can have heard: a heartbeat waiting in the tracker's own backlog,
