@@ -12,8 +12,8 @@ that matches nothing), and returns the blocked tasks waiting for those ids,
 which the :class:`~leveret.scheduler.dependencies.Resolver` then releases or
 ends. The batch is acked (``multiple=True``) only after the commit and the
 resolution; an undecodable delivery is rejected, so the queue dead-letters it,
-never acked and forgotten. A plain result (what the queue carried before
-version 0.2, when it was bound to the results exchange) is still understood.
+never acked and forgotten. A plain result (what the queue carried in earlier
+builds, when it was bound to the results exchange) is still understood.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ class Outcomes:
         """Start consuming the queue (declared and bound with the topology)."""
         self._channel = await open_channel(connection, prefetch=self.prefetch)
         self._queue = await self.topology.scheduler_outcomes.declare(self._channel)
-        # Before 0.2 the queue took every result; that binding is no longer wanted.
+        # Earlier builds bound the queue to every result; that binding is no longer wanted.
         results = await self._channel.get_exchange(self.topology.results_exchange)
         await self._queue.unbind(results, "#")
         self._tag = await self._queue.consume(self._on_message)
@@ -151,7 +151,7 @@ def _outcomes(body: bytes) -> list[tuple[str, str, str | None]]:
     try:
         event = decode_event(body)
     except ValidationError:
-        result = TaskResult.model_validate_json(body)  # the pre-0.2 form
+        result = TaskResult.model_validate_json(body)  # the form of earlier builds
         if result.status not in RECORDED:
             return []
         error = result.error.type if result.error is not None else None
