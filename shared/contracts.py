@@ -82,6 +82,10 @@ class TaskStatus(StrEnum):
 TERMINAL_STATUSES = frozenset(
     {TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED, TaskStatus.REJECTED}
 )
+#: How an accepted task can end, and so end its dependants' wait. Not `rejected`: a
+#: refused submission never reached the scheduler, and a refused second copy of a known
+#: id must not end the task the first copy made.
+ENDED_STATUSES = frozenset({TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED})
 
 
 class _Model(BaseModel):

@@ -33,16 +33,11 @@ from tenacity import AsyncRetrying, retry_if_exception, wait_exponential_jitter
 
 from leveret.amqp import BROKER_EXCEPTIONS, ack_batch, open_channel, return_to_queue
 from leveret.batching import fill_batch
-from leveret.contracts import TaskResult, TasksEnded, TaskStatus, decode_event
+from leveret.contracts import ENDED_STATUSES, TaskResult, TasksEnded, decode_event
 from leveret.db import is_transient
 from leveret.scheduler.dependencies import Resolver
 from leveret.scheduler.store import SubmissionStore
 from leveret.topology import Topology
-
-#: Outcomes that end a parent. `rejected` is not one: the scheduler publishes it for
-#: a refused submission, which never reached the store, and a second, refused copy
-#: of a known id must not end the task the first copy made.
-RECORDED = frozenset({TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED})
 
 #: Deliveries of one outcome message before it is dead-lettered (a crash loop).
 OUTCOMES_DELIVERY_LIMIT = 5
@@ -152,10 +147,10 @@ def _outcomes(body: bytes) -> list[tuple[str, str, str | None]]:
         event = decode_event(body)
     except ValidationError:
         result = TaskResult.model_validate_json(body)  # the form of earlier builds
-        if result.status not in RECORDED:
+        if result.status not in ENDED_STATUSES:
             return []
         error = result.error.type if result.error is not None else None
         return [(result.id, str(result.status), error)]
     if not isinstance(event, TasksEnded):
         raise ValueError(f"unexpected event {event.type!r} on the outcomes queue")
-    return [(t.id, t.status, t.error_type) for t in event.tasks if t.status in RECORDED]
+    return [(t.id, t.status, t.error_type) for t in event.tasks if t.status in ENDED_STATUSES]

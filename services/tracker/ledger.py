@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Literal
 
 from leveret.contracts import (
+    ENDED_STATUSES,
     EndedTask,
     TaskProgress,
     TaskResult,
@@ -71,14 +71,6 @@ def load_ids(messages: Iterable[TrackerMessage]) -> tuple[set[str], set[str]]:
         tasks.update(t)
         workers.update(w)
     return tasks, workers
-
-
-#: Terminal statuses whose tasks may have dependants waiting (`rejected` ones never ran).
-_ENDED: dict[TaskStatus, Literal["completed", "failed", "cancelled"]] = {
-    TaskStatus.COMPLETED: "completed",
-    TaskStatus.FAILED: "failed",
-    TaskStatus.CANCELLED: "cancelled",
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,10 +192,9 @@ class Ledger:
             if not isinstance(message, TaskResult) or message.id in found:
                 continue
             record = self.tasks.get(message.id)
-            if record is not None and record.status in _ENDED:
-                status = _ENDED[record.status]
+            if record is not None and record.status in ENDED_STATUSES:
                 found[record.id] = EndedTask(
-                    id=record.id, status=status, error_type=record.error_type
+                    id=record.id, status=record.status.value, error_type=record.error_type
                 )
         return list(found.values())
 

@@ -230,8 +230,9 @@ def unmet_requirements(
         return None
     for view in workers:
         r = view.record
-        live = view.state is WorkerState.ALIVE and r is not None and r.pool == pool
-        if live and r is not None and needed.issubset(r.capabilities):
+        if r is None or view.state is not WorkerState.ALIVE or r.pool != pool:
+            continue
+        if needed.issubset(r.capabilities):
             return None
     return (
         f"no live worker in pool {pool!r} has every capability it requires "
