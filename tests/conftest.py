@@ -19,11 +19,11 @@ import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
-import httpx
 import pytest
 from helpers import drop_namespace
+from vhosts import create_vhost, delete_vhost, with_vhost
 
 from leveret.cli.procs import Cluster
 
@@ -74,67 +74,30 @@ def base_amqp_url() -> Iterator[str]:
     _unavailable("no broker at 127.0.0.1:5672, no LEVERET_TEST_AMQP_URL, no Docker engine")
 
 
-def _with_vhost(url: str, vhost: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, "/" + quote(vhost, safe=""), "", ""))
-
-
-def _create_vhost(url: str, vhost: str) -> bool:
-    parts = urlsplit(url)
-    user, password = parts.username or "guest", parts.password or "guest"
-    api = f"http://{parts.hostname}:15672/api"
-    try:
-        auth = (user, password)
-        r = httpx.put(f"{api}/vhosts/{quote(vhost, safe='')}", auth=auth, timeout=10)
-        if r.status_code in (201, 204):
-            httpx.put(
-                f"{api}/permissions/{quote(vhost, safe='')}/{quote(user, safe='')}",
-                json={"configure": ".*", "write": ".*", "read": ".*"},
-                auth=auth,
-                timeout=10,
-            ).raise_for_status()
-            return True
-    except httpx.HTTPError:
-        pass
-    ctl = shutil.which("rabbitmqctl") or "/usr/sbin/rabbitmqctl"
-    local = parts.hostname in ("127.0.0.1", "localhost")
-    if local and os.path.exists(ctl):
-        ok = subprocess.run([ctl, "add_vhost", vhost], capture_output=True).returncode == 0
-        if ok:
-            subprocess.run(
-                [ctl, "set_permissions", "-p", vhost, user, ".*", ".*", ".*"], capture_output=True
-            )
-            return True
-    return False
-
-
-def _delete_vhost(url: str, vhost: str) -> None:
-    parts = urlsplit(url)
-    auth = (parts.username or "guest", parts.password or "guest")
-    try:
-        r = httpx.delete(
-            f"http://{parts.hostname}:15672/api/vhosts/{quote(vhost, safe='')}",
-            auth=auth,
-            timeout=30,
-        )
-        if r.status_code in (204, 404):
-            return
-    except httpx.HTTPError:
-        pass
-    ctl = shutil.which("rabbitmqctl") or "/usr/sbin/rabbitmqctl"
-    if os.path.exists(ctl):
-        subprocess.run([ctl, "delete_vhost", vhost], capture_output=True)
-
-
 @pytest.fixture(scope="session")
 def amqp_url(base_amqp_url: str) -> Iterator[str]:
-    """A broker URL on a vhost of this test run's own (deleted at the end), if one can be made."""
+    """A broker URL on a vhost of this test run's own, deleted at the end.
+
+    Made through the management API, else with `rabbitmqctl` on a local broker. When
+    neither can, the tests share the broker's vhost: every test still works in a
+    namespace of its own, the run says so in its summary, and in CI it fails instead.
+    """
     vhost = f"leveret-test-{uuid.uuid4().hex[:8]}"
-    if _create_vhost(base_amqp_url, vhost):
-        yield _with_vhost(base_amqp_url, vhost)
-        _delete_vhost(base_amqp_url, vhost)
-    else:
+    how = create_vhost(base_amqp_url, vhost)
+    if how is None:
+        reason = "could not create a test vhost (no management API, no local rabbitmqctl)"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        ISOLATION.append(f"{reason}: tests share the broker's vhost, one namespace each")
         yield base_amqp_url
+        return
+    ISOLATION.append(f"test vhost {vhost} (made with {how})")
+    yield with_vhost(base_amqp_url, vhost)
+    delete_vhost(base_amqp_url, vhost)
+
+
+#: How this run is isolated on the broker; printed in the terminal summary.
+ISOLATION: list[str] = []
 
 
 @pytest.fixture
@@ -170,6 +133,8 @@ def pytest_terminal_summary(terminalreporter) -> None:  # type: ignore[no-untype
     """Print what the tests measured (reassignment times, duplicates, backoff)."""
     from helpers import FIGURES
 
+    for line in ISOLATION:
+        terminalreporter.write_line(f"leveret: {line}")
     if FIGURES:
         terminalreporter.section("leveret: measured figures")
         for line in FIGURES:

@@ -17,7 +17,7 @@ def private_broker(request: pytest.FixtureRequest) -> Iterator[BrokerNode]:
     ``.management_url``. Skipped without ``rabbitmq-server`` unless ``CI`` is set.
     """
     if not broker_available():
-        reason = f"{RABBITMQ_SERVER} not installed: no private broker node"
+        reason = f"{RABBITMQ_SERVER} not installed (Debian's rabbitmq-server): no private node"
         if os.environ.get("CI"):
             pytest.fail(reason)
         pytest.skip(reason)

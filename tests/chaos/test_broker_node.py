@@ -12,7 +12,7 @@ import aio_pika
 import httpx
 import psutil
 import pytest
-from broker_node import BrokerNode, BrokerNodeError, broker_available
+from broker_node import RABBITMQ_SERVER, BrokerNode, BrokerNodeError, broker_available
 from helpers import eventually
 from pamqp.commands import Basic
 
@@ -23,9 +23,10 @@ N = 10
 
 def _require_server() -> None:
     if not broker_available():
+        reason = f"{RABBITMQ_SERVER} not installed (Debian's rabbitmq-server): no private node"
         if os.environ.get("CI"):
-            pytest.fail("rabbitmq-server is not installed")
-        pytest.skip("rabbitmq-server is not installed")
+            pytest.fail(reason)
+        pytest.skip(reason)
 
 
 async def _publish(url: str, queue: str, n: int) -> None:

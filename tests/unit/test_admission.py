@@ -80,4 +80,7 @@ def test_payload_size_of_batch_items() -> None:
     with pytest.raises(SubmissionError) as info:
         check_payload_size(SubmitTask(kind="echo", payload="x" * 20), 12)
     assert info.value.status == 413
-    assert json.dumps("x" * 10)
+    # the bound is on the payload's JSON size (quotes included): 10 chars + 2 quotes fits 12
+    check_payload_size(SubmitTask(kind="echo", payload="x" * 10), len(json.dumps("x" * 10)))
+    with pytest.raises(SubmissionError):
+        check_payload_size(SubmitTask(kind="echo", payload="x" * 11), len(json.dumps("x" * 10)))

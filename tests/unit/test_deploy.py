@@ -1,8 +1,10 @@
 """The deployment files (deploy/, .dockerignore) checked without a Docker engine.
 
-The compose files are read with PyYAML and the Dockerfile line by line. When a
-Compose v2 CLI is on PATH, `docker compose config -q` validates the compose files
-too (it needs no engine); otherwise that one test is skipped.
+The compose files are read with PyYAML and checked against the Compose
+Specification's JSON Schema (the copy check-jsonschema vendors), alone and merged
+as `docker compose -f compose.yaml -f compose.postgres.yaml` would; when a Compose
+v2 CLI is on PATH, `docker compose config -q` checks them as well (it needs no
+engine). Nothing here is skipped. The Dockerfile is read line by line.
 """
 
 from __future__ import annotations
@@ -15,12 +17,15 @@ import subprocess
 import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
 import yaml
+from jsonschema import Draft202012Validator, validators
+from jsonschema.protocols import Validator
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -256,16 +261,77 @@ def _compose_cli() -> list[str] | None:
     return None
 
 
+@pytest.fixture(scope="module")
+def compose_schema() -> Validator:
+    """A validator for the Compose Specification's JSON Schema (the draft it names)."""
+    source = files("check_jsonschema.builtin_schemas.vendor") / "compose-spec.json"
+    schema = json.loads(source.read_text())
+    cls = validators.validator_for(schema, default=Draft202012Validator)
+    cls.check_schema(schema)
+    return cls(schema, format_checker=cls.FORMAT_CHECKER)
+
+
+def _merge(base: Any, override: Any) -> Any:
+    """Compose's merge of an override file: mappings merge key by key, lists add up,
+    scalars are replaced."""
+    if isinstance(base, dict) and isinstance(override, dict):
+        merged = dict(base)
+        for key, value in override.items():
+            merged[key] = _merge(base[key], value) if key in base else value
+        return merged
+    if isinstance(base, list) and isinstance(override, list):
+        return base + [item for item in override if item not in base]
+    return override
+
+
+def _schema_errors(validator: Validator, document: Any) -> list[str]:
+    return [
+        f"{'/'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}"
+        for e in validator.iter_errors(document)
+    ]
+
+
 @pytest.mark.parametrize(
-    "files",
+    "paths",
+    [[COMPOSE], [COMPOSE_POSTGRES], [COMPOSE, COMPOSE_POSTGRES]],
+    ids=["compose", "postgres-override", "compose+postgres"],
+)
+def test_compose_files_follow_the_compose_specification(
+    compose_schema: Validator, paths: list[Path]
+) -> None:
+    document: Any = {}
+    for path in paths:
+        document = _merge(document, yaml.safe_load(path.read_text()))
+    assert document.get("services"), "no services"
+    errors = _schema_errors(compose_schema, document)
+    assert not errors, errors
+
+
+def test_the_compose_schema_check_refuses_a_broken_file(
+    compose_schema: Validator, compose: dict[str, Any]
+) -> None:
+    # The check above proves something only if the schema refuses what Compose refuses.
+    broken = json.loads(json.dumps(compose))
+    first = next(iter(broken["services"].values()))
+    first["restart_policy"] = "always"  # not a service key
+    first["volumes"] = 42  # volumes are a list
+    errors = _schema_errors(compose_schema, broken)
+    assert any("restart_policy" in e for e in errors), errors
+    assert any(e.endswith("/volumes: 42 is not of type 'array'") for e in errors), errors
+
+
+@pytest.mark.parametrize(
+    "paths",
     [[COMPOSE], [COMPOSE, COMPOSE_POSTGRES]],
     ids=["compose", "compose+postgres"],
 )
-def test_docker_compose_accepts_the_files(files: list[Path]) -> None:
+def test_a_compose_cli_if_installed_accepts_the_files(paths: list[Path]) -> None:
+    # The schema check above runs everywhere; a real CLI, where one is installed, also
+    # resolves interpolation, profiles and merges exactly as `docker compose up` will.
     cli = _compose_cli()
     if cli is None:
-        pytest.skip("no Compose v2 CLI on PATH (`docker compose config` needs no engine)")
-    args = [a for f in files for a in ("-f", str(f))]
+        return
+    args = [a for f in paths for a in ("-f", str(f))]
     out = subprocess.run(
         [*cli, *args, "--profile", "postgres", "config", "-q"],
         cwd=ROOT,
