@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 import pytest
@@ -166,22 +167,78 @@ async def test_batches_are_cut_at_batch_max() -> None:
     assert store.committed == [["t1", "t2"], ["t3", "t4"], ["t5"]]
 
 
-async def test_caught_up_advances_only_while_idle_on_an_open_channel() -> None:
-    consumer = make_consumer(FakeStore())
+class Clock:
+    """The consumer's clock, moved by hand (a second per tick)."""
+
+    def __init__(self) -> None:
+        self.now = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def tick(self) -> datetime:
+        self.now += timedelta(seconds=1)
+        return self.now
+
+
+class BlockingStore(FakeStore):
+    """Holds every apply until `release` is set; `applying` is set while one waits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.applying = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def apply(self, messages: Sequence[TrackerMessage]) -> Applied:
+        self.applying.set()
+        await self.release.wait()
+        return await super().apply(messages)
+
+
+async def test_caught_up_advances_only_while_idle_on_an_open_channel(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = Clock()
+    monkeypatch.setattr("leveret.tracker.consumer.utcnow", clock)
+    store = BlockingStore()
+    consumer = make_consumer(store)
     born = consumer.caught_up_at()
-    assert consumer.listening_since() >= born
+    assert consumer.listening_since() == born
     runner = asyncio.create_task(consumer.run())
-    await asyncio.sleep(0)  # let it start and block on its empty buffer
-    assert consumer.caught_up_at() == born  # idle, but not consuming: nothing was heard
     channel = FakeChannel()
-    consumer._channel, consumer._tag = cast(Any, channel), "tag"
-    idle_and_listening = consumer.caught_up_at()
-    assert idle_and_listening > born
-    channel.is_closed = True  # cut off from the broker: silence is not news
     try:
-        assert consumer.caught_up_at() == idle_and_listening
-    finally:
+        await until(lambda: consumer._idle, "the consumer waiting on its empty buffer")
+        clock.tick()
+        assert consumer.caught_up_at() == born  # idle, but not consuming: nothing was heard
+        consumer._channel, consumer._tag = cast(Any, channel), "tag"
+        listening = clock.tick()
+        assert consumer.caught_up_at() == listening  # idle on an open channel: caught up now
+        channel.is_closed = True
+        clock.tick()
+        assert consumer.caught_up_at() == listening  # cut off from the broker: silence is no news
         channel.is_closed = False
+
+        took = clock.tick()
+        await consumer._on_message(cast(AbstractIncomingMessage, FakeDelivery(result_body("a"), 1)))
+        await asyncio.wait_for(store.applying.wait(), 5)
+        clock.tick()
+        assert consumer.caught_up_at() == took  # busy with a batch: caught up when it took it
+        store.release.set()
+        await until(lambda: consumer._idle, "the consumer idle again after the batch")
+        again = clock.tick()
+        assert consumer.caught_up_at() == again  # idle and listening again
+        assert store.committed == [["a"]]
+    finally:
+        store.release.set()
         consumer._tag = None
         await consumer.stop()
         await asyncio.wait_for(runner, 5)
+
+
+async def until(condition: Callable[[], bool], what: str, timeout_s: float = 5.0) -> None:
+    """Wait (polling the event loop) until `condition` holds."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not condition():
+        if asyncio.get_running_loop().time() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        await asyncio.sleep(0.001)  # poll interval, not synchronisation
