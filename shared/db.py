@@ -11,7 +11,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, DateTime, Dialect, MetaData, TypeDecorator, event, inspect
+from sqlalchemy import (
+    Connection,
+    DateTime,
+    Dialect,
+    MetaData,
+    TypeDecorator,
+    event,
+    inspect,
+    text,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
@@ -82,9 +91,19 @@ class UtcDateTime(TypeDecorator[datetime]):
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
+#: Key of the PostgreSQL advisory lock that serialises schema upgrades ("levs").
+_SCHEMA_LOCK = 0x6C657673
+
+
 def add_missing_columns(conn: Connection, metadata: MetaData) -> None:
     """Create missing tables, then the nullable columns and indexes added since
-    (a database made by an older version is brought up to date; nothing is dropped)."""
+    (a database made by an older version is brought up to date; nothing is dropped).
+
+    On PostgreSQL replicas starting together take turns (a transaction-level advisory
+    lock): concurrent CREATE TABLEs of the same name fail rather than wait.
+    """
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _SCHEMA_LOCK})
     metadata.create_all(conn)
     inspector = inspect(conn)
     for table in metadata.sorted_tables:

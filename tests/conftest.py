@@ -139,3 +139,96 @@ def pytest_terminal_summary(terminalreporter) -> None:  # type: ignore[no-untype
         terminalreporter.section("leveret: measured figures")
         for line in FIGURES:
             terminalreporter.write_line(line)
+
+
+# PostgreSQL: the stores' tests run on SQLite and on PostgreSQL. The run makes a
+# database of its own on the server (`LEVERET_TEST_DATABASE_URL`, a
+# postgresql+asyncpg:// URL, else the local one) and drops it at the end; every test
+# starts on an empty schema. Without a server the PostgreSQL cases skip on a laptop
+# and fail in CI. asyncpg runs on a thread of its own, off the tests' event loop.
+
+LOCAL_DATABASE_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres"
+
+
+def _pg_run(statements: list[str], url: str, *, database: str | None = None) -> None:
+    """Run `statements` one by one on the server of `url` (its `database`, by default
+    the URL's), on a thread of its own; raises what asyncpg raised."""
+    import asyncio
+    import concurrent.futures
+
+    import asyncpg
+    from sqlalchemy.engine import make_url
+
+    parts = make_url(url)
+
+    async def run() -> None:
+        conn = await asyncpg.connect(
+            host=parts.host or "127.0.0.1",
+            port=parts.port or 5432,
+            user=parts.username or "postgres",
+            password=parts.password,
+            database=database or parts.database or "postgres",
+            timeout=10,
+        )
+        try:
+            for statement in statements:
+                await conn.execute(statement)
+        finally:
+            await conn.close()
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, run()).result()
+
+
+def _terminate_others(database: str) -> str:
+    return (
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+        f"WHERE datname = '{database}' AND pid <> pg_backend_pid()"
+    )
+
+
+@pytest.fixture(scope="session")
+def pg_server_url() -> str:
+    """A PostgreSQL server URL (postgresql+asyncpg://…) that answers."""
+    url = os.environ.get("LEVERET_TEST_DATABASE_URL") or LOCAL_DATABASE_URL
+    try:
+        _pg_run(["SELECT 1"], url)
+    except Exception as exc:  # refused, timed out, authentication: no usable server
+        reason = f"no PostgreSQL at {url}: {type(exc).__name__}: {exc}"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return url
+
+
+@pytest.fixture(scope="session")
+def pg_database_url(pg_server_url: str) -> Iterator[str]:
+    """A database of this test run's own on that server, dropped at the end."""
+    from sqlalchemy.engine import make_url
+
+    name = f"leveret_test_{uuid.uuid4().hex[:10]}"
+    # A time zone other than UTC: a timestamp that only round-trips by luck shows up.
+    zone = f"ALTER DATABASE \"{name}\" SET timezone TO 'Asia/Kathmandu'"
+    _pg_run([f'CREATE DATABASE "{name}"', zone], pg_server_url)
+    ISOLATION.append(f"PostgreSQL database {name}")
+    yield make_url(pg_server_url).set(database=name).render_as_string(hide_password=False)
+    _pg_run(
+        [_terminate_others(name), f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'], pg_server_url
+    )
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A database URL for one test, empty: a SQLite file, then the run's PostgreSQL
+    database with a fresh schema (connections a previous test left are ended first)."""
+    if request.param == "sqlite":
+        from leveret.settings import sqlite_url
+
+        return sqlite_url(tmp_path / "leveret.db")
+    url: str = request.getfixturevalue("pg_database_url")
+    from sqlalchemy.engine import make_url
+
+    name = make_url(url).database or ""
+    reset = ["DROP SCHEMA IF EXISTS public CASCADE", "CREATE SCHEMA public"]
+    _pg_run([_terminate_others(name), *reset], url)
+    return url

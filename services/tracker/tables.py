@@ -7,7 +7,7 @@ older version up to date (it only ever adds nullable columns and indexes).
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import (
@@ -199,7 +199,7 @@ def _progress_json(progress: Progress | None) -> dict[str, Any] | None:
     return {
         "fraction": progress.fraction,
         "message": progress.message,
-        "at": progress.at.isoformat(),
+        "at": _utc(progress.at).isoformat(),
     }
 
 
@@ -207,8 +207,14 @@ def _progress_of(value: Any) -> Progress | None:
     if not isinstance(value, dict):
         return None
     return Progress(
-        value.get("fraction"), value.get("message"), datetime.fromisoformat(value["at"])
+        value.get("fraction"), value.get("message"), _utc(datetime.fromisoformat(value["at"]))
     )
+
+
+def _utc(moment: datetime) -> datetime:
+    """`moment` aware, in UTC, like every other timestamp (naive is taken as UTC): the
+    progress time lives in a JSON column, which UtcDateTime does not cover."""
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
 def to_attempt(row: Row[Any]) -> Attempt:
