@@ -8,6 +8,7 @@ scheduler replicas sharing PostgreSQL never both take the same row)::
     blocked ──▶ releasing ──▶ dispatched      (every parent completed)
             ──▶ delayed                       (parents done, but not due yet)
             ──▶ failing ──▶ ended             (a parent did not complete)
+    delayed, blocked ──▶ failing ──▶ ended    (cancelled while held)
 
 A row is written (committed) before its work message is published and marked
 dispatched once the broker confirmed it; a `claimed` or `releasing` row left by
@@ -138,22 +139,21 @@ class SubmissionStore:
 
     async def claim(self, items: Sequence[tuple[Submission, str]]) -> dict[str, Existing]:
         """Write every (submission, state) whose id is new, with its dependency edges;
-        return the ones that already existed."""
-        ids = [s.id for s, _ in items]
+        return the ones that already existed (also those another scheduler replica
+        wrote meanwhile: each id is new to exactly one claim)."""
         existing: dict[str, Existing] = {}
         async with self.engine.begin() as conn:
-            for part in _chunks(ids):
-                rows = await conn.execute(select(*_ROW).where(submissions.c.id.in_(part)))
-                for row in rows:
-                    existing[row.id] = Existing(row.id, row.state, _submission(row))
+            existing.update(await self._existing(conn, [s.id for s, _ in items]))
             now = utcnow()
             fresh = [(s, state) for s, state in items if s.id not in existing]
             if fresh:
-                stmt = insert_for(self.engine, submissions).on_conflict_do_nothing(
-                    index_elements=["id"]
+                write = (
+                    insert_for(self.engine, submissions)
+                    .on_conflict_do_nothing(index_elements=["id"])
+                    .returning(submissions.c.id)
                 )
-                await conn.execute(
-                    stmt,
+                result = await conn.execute(
+                    write,
                     [
                         {
                             "id": s.id,
@@ -166,6 +166,12 @@ class SubmissionStore:
                         for s, state in fresh
                     ],
                 )
+                written = set(result.scalars())
+                # Written by another replica since the SELECT (its commit let ours skip them).
+                existing.update(
+                    await self._existing(conn, [s.id for s, _ in fresh if s.id not in written])
+                )
+                fresh = [(s, state) for s, state in fresh if s.id in written]
             links = [{"parent": p, "child": s.id} for s, _ in fresh for p in set(s.depends_on)]
             if links:
                 stmt = insert_for(self.engine, edges).on_conflict_do_nothing(
@@ -173,6 +179,13 @@ class SubmissionStore:
                 )
                 await conn.execute(stmt, links)
         return existing
+
+    async def _existing(self, conn: AsyncConnection, ids: Sequence[str]) -> dict[str, Existing]:
+        found: dict[str, Existing] = {}
+        for part in _chunks(ids):
+            for row in await conn.execute(select(*_ROW).where(submissions.c.id.in_(part))):
+                found[row.id] = Existing(row.id, row.state, _submission(row))
+        return found
 
     async def mark(self, ids: Iterable[str], state: str) -> None:
         """Move these rows to `state` (dispatched once confirmed; ended once published)."""
@@ -374,6 +387,40 @@ class SubmissionStore:
                 )
                 moved += [_submission(r) for r in await conn.execute(stmt)]
         return moved
+
+    async def end_held(self, ending: Ending) -> tuple[Submission, str] | None:
+        """Atomically move this task to `failing` with its outcome if it is still held
+        (`delayed` or `blocked`); return it and the state it left, else None (it was
+        released meanwhile, or never held)."""
+        async with self.engine.begin() as conn:
+            query = select(*_ROW).where(
+                submissions.c.id == ending.id, submissions.c.state.in_((DELAYED, BLOCKED))
+            )
+            row = (await conn.execute(query)).first()
+            if row is None:
+                return None
+            stmt = (
+                update(submissions)
+                .where(submissions.c.id == ending.id, submissions.c.state == row.state)
+                .values(
+                    state=FAILING,
+                    outcome=ending.status.value,
+                    error_type=ending.error_type,
+                    error_message=ending.message,
+                )
+            )
+            if (await conn.execute(stmt)).rowcount != 1:
+                return None  # the releaser or the resolver took it between the two statements
+        return _submission(row), row.state
+
+    async def hold_again(self, task_id: str, state: str) -> None:
+        """Undo :meth:`end_held` for a task whose ending could not be published."""
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                update(submissions)
+                .where(submissions.c.id == task_id, submissions.c.state == FAILING)
+                .values(state=state, outcome=None, error_type=None, error_message=None)
+            )
 
     # kinds
 
