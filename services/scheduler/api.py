@@ -159,9 +159,7 @@ class _Routes:
         except ValidationError:
             return _error(SubmissionError("invalid_id", f"invalid task id {task_id!r}", 404))
         try:
-            answer = await request_cancel(
-                self.admission.store, self.admission.dispatcher.declared, command
-            )
+            answer = await request_cancel(self.admission.store, self.admission.dispatcher, command)
         except UNAVAILABLE as exc:
             return _unavailable(exc)
         if answer is CancelAnswer.UNKNOWN:

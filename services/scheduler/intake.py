@@ -146,9 +146,9 @@ class Intake:
             refusal = SubmissionError("invalid_cancel", f"not a cancellation: {exc}", 400)
             await _retrying(lambda: self._refuse(message, refusal))
         else:
-            declared = self.admission.dispatcher.declared
+            dispatcher = self.admission.dispatcher
             answer = await _retrying(
-                lambda: request_cancel(self.admission.store, declared, command)
+                lambda: request_cancel(self.admission.store, dispatcher, command)
             )
             logger.bind(task_id=command.id).info("cancel request for {}: {}", command.id, answer)
         await message.ack()
