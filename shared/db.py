@@ -44,12 +44,26 @@ def create_engine(url: str) -> AsyncEngine:
     return create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
 
 
+#: SQLSTATE prefixes of PostgreSQL failures worth waiting out: connection exceptions,
+#: insufficient resources (too many connections), operator intervention (shutdown, cannot
+#: connect now), serialization failure, deadlock.
+_TRANSIENT_SQLSTATES = ("08", "53", "57P", "40001", "40P01")
+
+
 def is_transient(exc: BaseException) -> bool:
-    """True for database failures worth waiting out (unreachable, locked, connection lost)."""
+    """True for database failures worth waiting out: unreachable, locked, connection lost,
+    or a server that refuses new sessions for now (database not accepting connections,
+    renamed away, shutting down, out of connections)."""
     if isinstance(exc, OperationalError | InterfaceError):
         return True
     if isinstance(exc, DBAPIError):
-        return exc.connection_invalidated
+        # No statement: it failed while connecting, before anything ran.
+        sqlstate = str(getattr(exc.orig, "sqlstate", None) or "")
+        return (
+            exc.connection_invalidated
+            or exc.statement is None
+            or sqlstate.startswith(_TRANSIENT_SQLSTATES)
+        )
     return isinstance(exc, OSError | TimeoutError)
 
 

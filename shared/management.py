@@ -25,6 +25,8 @@ HTTP_PORT = 15672
 HTTPS_PORT = 15671
 #: Tags whose users see every connection on the node.
 _SEE_ALL_TAGS = frozenset({"administrator", "monitoring"})
+#: The tag whose users may close every connection on the node.
+_CLOSE_ALL_TAG = "administrator"
 
 
 def vhost_of(amqp_url: str) -> str:
@@ -89,14 +91,23 @@ class ManagementApi:
             return False
         return True
 
-    async def sees_all_connections(self) -> bool:
-        """True when this user sees every user's connections (``GET /api/whoami`` tags);
-        otherwise a connection missing from a listing may merely be invisible."""
+    async def tags(self) -> frozenset[str]:
+        """This user's tags (``GET /api/whoami``). Raises :class:`BrokerError`."""
         me = await self._request("GET", "/api/whoami")
         tags = me.get("tags", []) if isinstance(me, dict) else []
         if isinstance(tags, str):  # older brokers send "a,b"
             tags = tags.split(",")
-        return bool(_SEE_ALL_TAGS & {str(t).strip() for t in tags})
+        return frozenset(str(t).strip() for t in tags) - {""}
+
+    async def sees_all_connections(self) -> bool:
+        """True when this user sees every user's connections (``GET /api/whoami`` tags);
+        otherwise a connection missing from a listing may merely be invisible."""
+        return bool(_SEE_ALL_TAGS & await self.tags())
+
+    async def closes_all_connections(self) -> bool:
+        """True when this user may close every user's connections (tag ``administrator``);
+        a ``monitoring`` user sees them all but may close only its own."""
+        return _CLOSE_ALL_TAG in await self.tags()
 
     async def close_connections(self, connection_name: str, vhost: str | None, reason: str) -> int:
         """Close every connection whose client-provided `connection_name` matches (in

@@ -18,10 +18,12 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from loguru import logger
 from pydantic import ValidationError
+from sqlalchemy.exc import SQLAlchemyError
 
 from leveret import __version__
 from leveret.amqp import BROKER_EXCEPTIONS
 from leveret.contracts import Accepted, CancelTask, SubmitBatch, SubmitTask
+from leveret.db import is_transient
 from leveret.errors import LeveretError, SubmissionError
 from leveret.scheduler.admission import (
     Admission,
@@ -59,6 +61,13 @@ def _unavailable(exc: BaseException) -> JSONResponse:
         status_code=503,
         headers={"Retry-After": "1"},
     )
+
+
+async def _store_unavailable(_request: Request, exc: Exception) -> JSONResponse:
+    """503 + Retry-After while the scheduler's database is unavailable (else a 500)."""
+    if not is_transient(exc):
+        raise exc
+    return _unavailable(exc)
 
 
 def _body_schema(model: str) -> dict[str, Any]:
@@ -203,6 +212,7 @@ def create_app(
         routes.submit_batch
     )
     app.delete("/tasks/{task_id}", status_code=202)(routes.cancel)
+    app.add_exception_handler(SQLAlchemyError, _store_unavailable)
     app.get("/healthz")(routes.healthz)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app

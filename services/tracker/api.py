@@ -1,6 +1,8 @@
 """The tracker's HTTP API: task status and results, workers, statistics, health.
 
-An id the tracker never heard of is a 404 ("unknown task"), never `pending`.
+An id the tracker never heard of is a 404 ("unknown task"), never `pending`. While
+the database cannot be reached (or stays locked), every read answers 503 with
+``Retry-After``.
 """
 
 from __future__ import annotations
@@ -9,17 +11,21 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import FastAPI, HTTPException, Query
+from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse
 from loguru import logger
 from pydantic import BaseModel, JsonValue
 from sqlalchemy.exc import SQLAlchemyError
 
 from leveret.contracts import TaskStatus, utcnow
+from leveret.db import is_transient
 from leveret.settings import TrackerSettings
 from leveret.tracker.state import AttemptOutcome, TaskRecord
 from leveret.tracker.store import MAX_PAGE, InvalidCursor, TrackerStore
 from leveret.tracker.workers import Death, WorkerState, WorkerView, unmet_requirements
+
+#: Seconds a client is asked to wait when the database is unavailable.
+RETRY_AFTER_S = 1
 
 
 class ErrorView(BaseModel):
@@ -223,6 +229,18 @@ def _worker_info(w: WorkerView) -> WorkerInfoView:
     )
 
 
+async def _database_unavailable(_request: Request, exc: Exception) -> JSONResponse:
+    """503 + Retry-After while the database is unavailable; anything else stays a 500."""
+    if not is_transient(exc):
+        raise exc
+    logger.warning("tracker API: database unavailable: {}", exc)
+    return JSONResponse(
+        {"detail": {"error": "unavailable", "message": f"database unavailable: {exc}"}},
+        status_code=503,
+        headers={"Retry-After": str(RETRY_AFTER_S)},
+    )
+
+
 def create_app(
     store: TrackerStore,
     settings: TrackerSettings,
@@ -236,6 +254,9 @@ def create_app(
         version="1",
         summary=f"Task status, results and workers of namespace {settings.namespace!r}.",
     )
+
+    app.add_exception_handler(SQLAlchemyError, _database_unavailable)
+    app.add_exception_handler(OSError, _database_unavailable)
 
     @app.get("/tasks/{task_id}", response_model=TaskView)
     async def get_task(task_id: str) -> TaskView:

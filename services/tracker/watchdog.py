@@ -59,6 +59,8 @@ class ConnectionCloser(Protocol):
 
     async def sees_all_connections(self) -> bool: ...
 
+    async def closes_all_connections(self) -> bool: ...
+
     async def close_connections(
         self, connection_name: str, vhost: str | None, reason: str
     ) -> int: ...
@@ -116,6 +118,19 @@ class Watchdog:
             logger.warning(
                 "the management API user cannot see other users' connections (needs the "
                 "administrator tag): workers connecting as another user cannot be fenced, and {}",
+                CONSEQUENCE,
+            )
+            return False
+        try:
+            closes_all = await self.api.closes_all_connections()
+        except BrokerError as exc:
+            logger.warning("asking the management API who it is failed: {}; {}", exc, CONSEQUENCE)
+            return False
+        if not closes_all:
+            logger.warning(
+                "the management API user sees every connection but may close only its own "
+                "(needs the administrator tag): workers connecting as another user cannot be "
+                "fenced, and {}",
                 CONSEQUENCE,
             )
             return False

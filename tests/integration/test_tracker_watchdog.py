@@ -39,9 +39,12 @@ def at(seconds: float) -> datetime:
 class FakeApi:
     """Answers like the management API; `closes` is what close_connections returns next."""
 
-    def __init__(self, closes: int | BrokerError = 1, sees_all: bool = True) -> None:
+    def __init__(
+        self, closes: int | BrokerError = 1, sees_all: bool = True, closes_all: bool = True
+    ) -> None:
         self.closes = closes
         self.sees_all = sees_all
+        self.closes_all = closes_all
         self.up = True
         self.calls: list[tuple[str, str | None, str]] = []
 
@@ -50,6 +53,9 @@ class FakeApi:
 
     async def sees_all_connections(self) -> bool:
         return self.sees_all
+
+    async def closes_all_connections(self) -> bool:
+        return self.closes_all
 
     async def close_connections(self, connection_name: str, vhost: str | None, reason: str) -> int:
         self.calls.append((connection_name, vhost, reason))
@@ -299,6 +305,17 @@ async def test_a_user_who_cannot_see_every_connection_never_assumes_it_gone(
     assert views["w1"].record is not None and views["w1"].record.death is Death.UNFENCED
     t1 = await store.get_task("t1")
     assert t1 is not None and t1.status is TaskStatus.RUNNING
+
+
+async def test_a_user_who_sees_every_connection_but_cannot_close_them_is_warned_about(
+    store: TrackerStore, logs: list[tuple[str, str]]
+) -> None:
+    dog = watchdog(store, FakeApi(sees_all=True, closes_all=False), Clock(0))
+    assert await dog.check_api() is False
+    [warning] = [m for level, m in logs if level == "WARNING"]
+    assert "may close only its own (needs the administrator tag)" in warning
+    assert CONSEQUENCE in warning
+    assert await watchdog(store, FakeApi(), Clock(0)).check_api() is True
 
 
 async def test_old_databases_gain_the_new_columns(tmp_path: Path) -> None:

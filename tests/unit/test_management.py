@@ -154,6 +154,20 @@ async def test_sees_all_connections_by_tags(tags: object, sees_all: bool) -> Non
         assert await client.sees_all_connections() is sees_all
 
 
+@pytest.mark.parametrize(
+    ("tags", "closes_all"),
+    [(["administrator"], True), (["monitoring"], False), (["management"], False),
+     ("policymaker,administrator", True), ("", False)],
+)  # fmt: skip
+async def test_closes_all_connections_only_as_administrator(tags: object, closes_all: bool) -> None:
+    def handle(request: httpx.Request) -> httpx.Response:
+        assert request.url.path == "/api/whoami"
+        return httpx.Response(200, content=json.dumps({"name": "ops", "tags": tags}))
+
+    async with api(handle) as client:
+        assert await client.closes_all_connections() is closes_all
+
+
 def test_from_settings_derives_the_url_from_the_amqp_url() -> None:
     derived = ManagementApi.from_settings(None, "amqp://bob:p%40ss@rabbit.local:5673/prod")
     assert (derived.url, derived.user) == ("http://rabbit.local:15672", "bob")

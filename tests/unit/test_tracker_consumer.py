@@ -10,7 +10,7 @@ from typing import Any, cast
 
 import pytest
 from aio_pika.abc import AbstractIncomingMessage
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from leveret.contracts import TaskResult
 from leveret.db import is_transient
@@ -99,11 +99,27 @@ def test_decode_by_exchange() -> None:
         decode(TOPOLOGY, TOPOLOGY.results_exchange, b"not json")
 
 
+class PgError(Exception):
+    """What a PostgreSQL driver raises: carries the SQLSTATE."""
+
+    def __init__(self, sqlstate: str) -> None:
+        super().__init__(sqlstate)
+        self.sqlstate = sqlstate
+
+
 def test_transient_errors() -> None:
     assert is_transient(OperationalError("x", {}, Exception("locked")))
     assert is_transient(ConnectionRefusedError())
     assert not is_transient(IntegrityError("x", {}, Exception("dup")))
     assert not is_transient(ValueError())
+    # PostgreSQL refusing new sessions (not accepting connections, database renamed away):
+    # raised while connecting, with no statement.
+    assert is_transient(DBAPIError(None, None, PgError("55000")))
+    assert is_transient(DBAPIError(None, None, PgError("3D000")))
+    for sqlstate in ("57P01", "08006", "53300", "40001", "40P01"):
+        assert is_transient(DBAPIError("UPDATE tasks", {}, PgError(sqlstate))), sqlstate
+    assert not is_transient(DBAPIError("INSERT INTO tasks", {}, PgError("23505")))
+    assert not is_transient(DBAPIError("INSERT INTO tasks", {}, PgError("22001")))
 
 
 async def test_batch_is_acked_once_after_commit_and_bad_input_rejected() -> None:
