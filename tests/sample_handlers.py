@@ -74,3 +74,24 @@ def steps_sync(ctx: TaskContext, payload: int) -> str:
         ctx.progress(i / int(payload), f"step {i} of {payload}")
         time.sleep(0.3)
     return "done"
+
+
+@task("slow_first")
+def slow_first(ctx: TaskContext, payload: float) -> int:
+    """Sync: blocks `payload` seconds on attempt 1 (to run into its timeout), then
+    answers at once; returns the attempt that answered."""
+    if ctx.attempt == 1:
+        time.sleep(float(payload))
+    return ctx.attempt
+
+
+@task("not_json")
+async def not_json(ctx: TaskContext, payload: object) -> object:
+    """Async: returns a set, which no JSON result can hold."""
+    return {1, 2, 3}
+
+
+@task("not_sendable")
+def not_sendable(ctx: TaskContext, payload: object) -> object:
+    """Sync: returns a generator, which cannot even leave its child process."""
+    return (i for i in range(3))

@@ -22,7 +22,7 @@ from leveret.contracts import TaskError, TaskMessage, TaskStatus
 from leveret.errors import TaskFailed
 from leveret.handlers import Handler, Registry, TaskContext
 from leveret.topology import RETRY_STEPS_S
-from leveret.worker.isolation import HandlerCrashed, ProcessPool
+from leveret.worker.isolation import CallTimedOut, HandlerCrashed, ProcessPool
 
 #: Failures that another attempt cannot fix.
 NOT_RETRIED = frozenset({"unknown_kind", "bad_payload", "shell_disabled", "result_not_json"})
@@ -75,7 +75,7 @@ class Executor:
         self.registry = registry
         self._threads = ThreadPoolExecutor(concurrency, thread_name_prefix="handler")
         self._processes = ProcessPool(concurrency)
-        self._sendable: dict[str, bool] = {}
+        self._sendable_kinds: dict[str, bool] = {}
 
     def close(self) -> None:
         """Stop the thread pool and kill idle child processes."""
@@ -88,18 +88,20 @@ class Executor:
         if handler is None:
             return failure("unknown_kind", f"no handler for kind {task.kind!r} on {ctx.worker_id}")
         timeout_s = ctx.timeout_s
+        scope = asyncio.timeout(timeout_s)
         try:
-            async with asyncio.timeout(timeout_s) as scope:
-                if handler.blocking:
-                    value = await self._run_blocking(handler, ctx, task.payload)
-                else:
-                    value = handler.func(ctx, task.payload)
-                    if inspect.isawaitable(value):
-                        value = await value
+            if handler.blocking and self._sendable(handler):
+                # The pool times the call itself: starting a child is not the handler's time.
+                value = await self._processes.call(handler.func, ctx, task.payload, timeout_s)
+            else:
+                async with scope:
+                    value = await self._run_here(handler, ctx, task.payload)
         except TimeoutError as exc:
             if scope.expired():
                 return failure("timeout", f"attempt exceeded timeout_s={timeout_s}")
             return failure(type(exc).__name__, str(exc) or "timed out")
+        except CallTimedOut as exc:
+            return failure("timeout", str(exc))
         except TaskFailed as exc:
             return failure(exc.type, str(exc))
         except HandlerCrashed as exc:
@@ -109,16 +111,23 @@ class Executor:
             return failure(type(exc).__name__, str(exc) or repr(exc))
         return Outcome(TaskStatus.COMPLETED, value)
 
-    async def _run_blocking(self, handler: Handler, ctx: TaskContext, payload: Any) -> Any:
-        """A sync handler: in a killable child process, or a thread if it cannot be sent."""
-        sendable = self._sendable.get(handler.kind)
+    def _sendable(self, handler: Handler) -> bool:
+        """Whether a sync handler can run in a child process (else it runs in a thread)."""
+        sendable = self._sendable_kinds.get(handler.kind)
         if sendable is None:
-            sendable = self._sendable[handler.kind] = ProcessPool.picklable(handler.func)
+            sendable = self._sendable_kinds[handler.kind] = ProcessPool.picklable(handler.func)
             if not sendable:
                 logger.warning("handler {} cannot run in a child process: threads", handler.kind)
-        if sendable:
-            return await self._processes.call(handler.func, ctx, payload)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._threads, functools.partial(handler.func, ctx, payload)
-        )
+        return sendable
+
+    async def _run_here(self, handler: Handler, ctx: TaskContext, payload: Any) -> Any:
+        """An async handler on the event loop, or a sync one that cannot be sent in a thread."""
+        if handler.blocking:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(
+                self._threads, functools.partial(handler.func, ctx, payload)
+            )
+        value = handler.func(ctx, payload)
+        if inspect.isawaitable(value):
+            value = await value
+        return value

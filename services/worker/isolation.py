@@ -8,6 +8,12 @@ C extension, ``os._exit``) fails only its task, not the worker.
 
 Handlers must be importable by reference (module-level functions, which is what
 ``--handlers`` modules hold); one that cannot be pickled runs in a thread instead.
+
+A task's timeout bounds the call, not the start-up of the child that runs it: a
+fresh child (the first ones, and each replacement of a killed one) first starts
+and imports the handler's module, bounded by :data:`STARTUP_TIMEOUT_S`, and only
+then is the call timed. Otherwise the retry of a timed-out attempt, which always
+gets a fresh child, could time out before its handler even ran.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import pickle
 import signal
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
+from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 from loguru import logger
@@ -31,28 +38,54 @@ from leveret.handlers import HandlerFunc, ProgressReporter, TaskContext
 _CTX = multiprocessing.get_context("spawn")
 
 
+#: How long a fresh child may take to start and import a handler's module.
+STARTUP_TIMEOUT_S = 60.0
+
+
 class HandlerCrashed(Exception):
     """The child process running a handler died before answering."""
 
 
+class CallTimedOut(Exception):
+    """A call ran past its timeout (or its child did not start); the child was killed."""
+
+
 def _child_main(conn: Connection) -> None:
-    """The child's loop: receive a call, run it, send the outcome."""
+    """The child's loop: receive a call, run it, send the outcome. A ``load`` message
+    only imports its function's module (unpickling does) and says so."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when children stop
     while True:
         try:
-            func, ctx, payload = conn.recv()
+            message = conn.recv()
         except (EOFError, OSError):
             return
+        if message[0] == "load":
+            conn.send(("loaded",))
+            continue
+        _, func, ctx, payload = message
         ctx = dataclasses.replace(ctx, reporter=_progress_sender(conn))
         try:
             value = func(ctx, payload)
             if inspect.isawaitable(value):
                 value = asyncio.run(_await(value))
-            conn.send(("ok", value))
         except TaskFailed as exc:
             conn.send(("failed", exc.type, str(exc)))
         except BaseException as exc:  # report everything; the parent fails the task
             conn.send(("error", type(exc).__name__, str(exc) or repr(exc)))
+        else:
+            _answer(conn, value)
+
+
+def _answer(conn: Connection, value: Any) -> None:
+    """Send a handler's return value; one that cannot leave the process (a generator,
+    a lock) fails the task as `result_not_json`, as a non-JSON value does in the parent."""
+    try:
+        data = ForkingPickler.dumps(("ok", value))
+    except Exception as exc:
+        kind = type(value).__name__
+        conn.send(("failed", "result_not_json", f"handler returned {kind}: {exc}"))
+    else:
+        conn.send_bytes(data)
 
 
 def _progress_sender(conn: Connection) -> ProgressReporter:
@@ -74,6 +107,7 @@ class _Child:
         self.proc: BaseProcess = _CTX.Process(target=_child_main, args=(child_end,), daemon=True)
         self.proc.start()
         child_end.close()
+        self.modules: set[str] = set()  # handler modules this child has imported
 
     def kill(self) -> None:
         if self.proc.is_alive():
@@ -100,13 +134,23 @@ class ProcessPool:
             return False
         return True
 
-    async def call(self, func: HandlerFunc, ctx: TaskContext, payload: Any) -> Any:
-        """Run ``func(ctx, payload)`` in a child; cancelling the call kills the child."""
+    async def call(
+        self, func: HandlerFunc, ctx: TaskContext, payload: Any, timeout_s: float | None = None
+    ) -> Any:
+        """Run ``func(ctx, payload)`` in a child, for at most `timeout_s` once the child
+        is ready (raising :class:`CallTimedOut`); cancelling the call kills the child."""
         async with self._slots:
             child = self._idle.pop() if self._idle else await asyncio.to_thread(_Child)
             healthy = False
             try:
-                reply = await self._roundtrip(child, (func, ctx, payload), ctx.reporter)
+                await self._ready(child, func)
+                try:
+                    async with asyncio.timeout(timeout_s):
+                        reply = await self._roundtrip(
+                            child, ("call", func, ctx, payload), ctx.reporter
+                        )
+                except TimeoutError as exc:  # the child's own errors come back as replies
+                    raise CallTimedOut(f"attempt exceeded timeout_s={timeout_s}") from exc
                 healthy = True
             finally:
                 if healthy:
@@ -115,6 +159,19 @@ class ProcessPool:
                     self.replaced += 1
                     child.kill()
         return _unpack(reply)
+
+    async def _ready(self, child: _Child, func: HandlerFunc) -> None:
+        """Make sure `child` runs and has imported `func`'s module."""
+        module = getattr(func, "__module__", None) or ""
+        if module in child.modules:
+            return
+        try:
+            async with asyncio.timeout(STARTUP_TIMEOUT_S):
+                await self._roundtrip(child, ("load", func), None)
+        except TimeoutError as exc:
+            message = f"handler process not ready within {STARTUP_TIMEOUT_S:g} s"
+            raise CallTimedOut(message) from exc
+        child.modules.add(module)
 
     async def _roundtrip(
         self, child: _Child, message: Any, reporter: ProgressReporter | None
