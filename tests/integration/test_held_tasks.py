@@ -9,6 +9,7 @@ import signal
 import time
 import uuid
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import aio_pika
@@ -19,8 +20,14 @@ from helpers import TrackerApi, eventually, report
 from leveret.cli.procs import Cluster
 from leveret.client import Client
 from leveret.contracts import SubmitTask, TaskStatus, utcnow
+from leveret.topology import Topology
 
 pytestmark = pytest.mark.broker
+
+
+#: A sanity bound on how late a due task may start: generous, for a loaded machine (the
+#: measured lateness is reported; it is tens of milliseconds on an idle one).
+LATE_SANITY_S = 10.0
 
 
 def at(value: str) -> datetime:
@@ -39,7 +46,10 @@ async def wait_status(api: TrackerApi, task_id: str, status: str, timeout_s: flo
         seen.update(await api.task(task_id))
         return seen.get("status") == status
 
-    await eventually(reached, timeout_s, f"task {task_id} to be {status} (last: {seen})")
+    try:
+        await eventually(reached, timeout_s, f"task {task_id} to be {status}")
+    except TimeoutError as exc:
+        raise TimeoutError(f"{exc} (last seen: {seen})") from None
     return dict(seen)
 
 
@@ -66,12 +76,11 @@ async def test_a_dag_in_one_batch_runs_in_dependency_order(cluster: Cluster) -> 
     assert [t["status"] for t in r.json()["tasks"]] == ["blocked", "blocked", "blocked", "pending"]
     api = TrackerApi(cluster.tracker_url)
     try:
-        held = await wait_status(api, d, "blocked", 10)
-        assert sorted(held["depends_on"]) == sorted([b, c])
         await wait_status(api, d, "completed", 30)
         state = {t: await api.task(t) for t in (a, b, c, d)}
     finally:
         await api.close()
+    assert sorted(state[d]["depends_on"]) == sorted([b, c])
     parents = {b: [a], c: [a], d: [b, c]}
     latencies = []
     for child, ps in parents.items():
@@ -191,18 +200,19 @@ async def test_a_delayed_task_starts_on_time_not_before(cluster: Cluster) -> Non
         sent = utcnow()
         r = await http.post("/tasks", json={"id": task_id, "kind": "echo", "delay_s": 2})
     assert r.status_code == 202 and r.json()["status"] == "delayed"
+    answered = utcnow()
     api = TrackerApi(cluster.tracker_url)
     try:
-        held = await wait_status(api, task_id, "delayed", 5)
-        run_at = at(held["run_at"])
-        assert abs((run_at - sent).total_seconds() - 2) < 0.5
-        done = await wait_status(api, task_id, "completed", 15)
+        done = await wait_status(api, task_id, "completed", 30)
     finally:
         await api.close()
+    run_at = at(done["run_at"])
+    # Due 2 s after the scheduler took it, which was between sending and the answer.
+    assert sent + timedelta(seconds=2) <= run_at <= answered + timedelta(seconds=2)
     started = at(done["started_at"])
     error_s = (started - run_at).total_seconds()
     assert started >= run_at, f"started {-error_s:.3f} s early"
-    assert error_s < 1.0, f"started {error_s:.3f} s late"
+    assert error_s < LATE_SANITY_S, f"started {error_s:.3f} s late"
     report(f"delayed task (delay_s=2): started {error_s * 1000:.0f} ms after its due time")
 
 
@@ -210,7 +220,7 @@ async def test_run_at_naive_is_utc_and_is_honoured(cluster: Cluster) -> None:
     cluster.start_tracker()
     cluster.start_scheduler()
     cluster.start_worker("w1", "--concurrency", "4")
-    due = utcnow() + timedelta(seconds=1.5)
+    due = utcnow() + timedelta(seconds=3)  # still ahead when the batch arrives, even if slow
     naive = due.replace(tzinfo=None).isoformat()
     aware = (due + timedelta(seconds=0.5)).astimezone().isoformat()  # local offset
     first, second = uid("naive"), uid("aware")
@@ -227,42 +237,70 @@ async def test_run_at_naive_is_utc_and_is_honoured(cluster: Cluster) -> None:
     try:
         errors = []
         for task_id, expected in ((first, due), (second, due + timedelta(seconds=0.5))):
-            done = await wait_status(api, task_id, "completed", 15)
+            done = await wait_status(api, task_id, "completed", 30)
             assert abs((at(done["run_at"]) - expected).total_seconds()) < 0.001
             error_s = (at(done["started_at"]) - expected).total_seconds()
-            assert 0 <= error_s < 1.0, f"{task_id} started {error_s:.3f} s after its run_at"
+            assert 0 <= error_s < LATE_SANITY_S, f"{task_id} started {error_s:.3f} s after run_at"
             errors.append(error_s)
     finally:
         await api.close()
     report("run_at tasks: started " + ", ".join(f"{e * 1000:.0f} ms" for e in errors) + " late")
 
 
-async def test_a_blocked_task_survives_a_scheduler_kill(cluster: Cluster) -> None:
+def gated(release: Path) -> str:
+    """A shell command that runs until the test creates `release` (workers need --shell)."""
+    return f"while [ ! -e {release} ]; do sleep 0.02; done"
+
+
+async def queue_depth(url: str, name: str) -> int:
+    """Messages ready in a queue, as the broker counts them."""
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(name, passive=True)
+        return queue.declaration_result.message_count or 0
+
+
+async def test_a_blocked_task_survives_a_scheduler_kill(cluster: Cluster, tmp_path: Path) -> None:
+    """The parent ends while the scheduler is dead: its outcome waits in the scheduler's
+    queue, and the restarted scheduler releases the child from it."""
     cluster.start_tracker()
     scheduler = cluster.start_scheduler()
-    cluster.start_worker("w1", "--concurrency", "4")
+    cluster.start_worker("w1", "--concurrency", "4", "--shell")
+    release = tmp_path / "release-parent"
     parent, child = uid("parent"), uid("child")
     r = await submit_batch(
         cluster,
         [
-            {"id": parent, "kind": "sleep", "payload": 1.0},
+            {"id": parent, "kind": "shell", "payload": gated(release)},
             {"id": child, "kind": "echo", "payload": "after", "depends_on": [parent]},
         ],
     )
     assert r.status_code == 202, r.text
+    outcomes = Topology(cluster.namespace).scheduler_outcomes.name
     api = TrackerApi(cluster.tracker_url)
     try:
-        await wait_status(api, parent, "running", 10)
+        await wait_status(api, parent, "running", 20)
+        await wait_status(api, child, "blocked", 10)
         scheduler.send(signal.SIGKILL)
         await asyncio.to_thread(scheduler.proc.wait, 10)
-        await wait_status(api, parent, "completed", 15)  # while the scheduler is down
-        assert (await api.task(child))["status"] == "blocked"
+        release.touch()  # only now can the parent finish: while the scheduler is dead
+        await wait_status(api, parent, "completed", 20)
+
+        async def outcome_waits() -> bool:
+            return await queue_depth(cluster.amqp_url, outcomes) >= 1
+
+        await eventually(outcome_waits, 20, "the parent's outcome queued for the scheduler")
+        assert (await api.task(child))["status"] == "blocked"  # nobody released it
         restarted = time.monotonic()
         await asyncio.to_thread(cluster.start_scheduler)
         done = await wait_status(api, child, "completed", 30)
+        parent_state = await api.task(parent)
     finally:
+        release.touch()
         await api.close()
     assert done["result"] == "after"
+    assert at(done["started_at"]) >= at(parent_state["finished_at"])
     report(
         f"blocked task after a scheduler SIGKILL: completed {time.monotonic() - restarted:.2f} s "
         "after the restart began"
@@ -270,13 +308,14 @@ async def test_a_blocked_task_survives_a_scheduler_kill(cluster: Cluster) -> Non
 
 
 async def test_a_parent_that_ends_while_the_tracker_is_down_still_releases(
-    cluster: Cluster,
+    cluster: Cluster, tmp_path: Path
 ) -> None:
     """The scheduler hears outcomes from the tracker (`tasks.ended`, after its commit): a
     result that waits in the tracker's queue through a SIGKILL releases its child later."""
     tracker = cluster.start_tracker()
     cluster.start_scheduler()
-    cluster.start_worker("w1", "--concurrency", "4")
+    cluster.start_worker("w1", "--concurrency", "4", "--shell")
+    release = tmp_path / "release-parent"
     parent, child = uid("parent"), uid("child")
     connection = await aio_pika.connect(cluster.amqp_url)
     api = TrackerApi(cluster.tracker_url)
@@ -287,24 +326,40 @@ async def test_a_parent_that_ends_while_the_tracker_is_down_still_releases(
         r = await submit_batch(
             cluster,
             [
-                {"id": parent, "kind": "sleep", "payload": 1.0},
+                {"id": parent, "kind": "shell", "payload": gated(release)},
                 {"id": child, "kind": "echo", "payload": "after", "depends_on": [parent]},
             ],
         )
         assert r.status_code == 202, r.text
-        await wait_status(api, parent, "running", 10)
+        await wait_status(api, parent, "running", 20)
+        await wait_status(api, child, "blocked", 10)
         tracker.send(signal.SIGKILL)
         await asyncio.to_thread(tracker.proc.wait, 10)
-        async with results.iterator(timeout=15) as stream:
+        release.touch()  # only now can the parent finish: while the tracker is dead
+        seen: list[str] = []
+        async with results.iterator(timeout=20) as stream:
             async for message in stream:  # the parent's result, published while it is down
                 await message.ack()
-                if json.loads(message.body)["id"] == parent:
+                seen.append(json.loads(message.body)["id"])
+                if seen[-1] == parent:
                     break
+        # The child waits for the tracker: nothing of it ran while the tracker was down.
+        while (message := await results.get(no_ack=True, fail=False)) is not None:
+            seen.append(json.loads(message.body)["id"])
+        assert child not in seen
+        restarted = utcnow()
         await asyncio.to_thread(cluster.start_tracker)
         done = await wait_status(api, child, "completed", 30)
         parent_state = await api.task(parent)
     finally:
+        release.touch()
         await api.close()
         await connection.close()
     assert done["result"] == "after" and parent_state["status"] == "completed"
-    assert at(done["started_at"]) >= at(parent_state["finished_at"])
+    assert at(parent_state["finished_at"]) < restarted  # it ended while the tracker was down
+    assert at(done["started_at"]) >= restarted  # released only once the tracker was back
+    report(
+        "parent ended while the tracker was down: child started "
+        f"{(at(done['started_at']) - restarted).total_seconds():.2f} s after the tracker restart "
+        "began"
+    )
