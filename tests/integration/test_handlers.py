@@ -39,7 +39,8 @@ async def test_blocking_handler_past_its_timeout_is_stopped(handlers_cluster: Cl
         assert result.status == TaskStatus.FAILED
         assert result.error is not None and result.error.type == "timeout"
         assert result.started_at is not None
-        assert (result.finished_at - result.started_at).total_seconds() < 5
+        # Stopped at its timeout (plus starting its child), not after the 60 s it blocks.
+        assert (result.finished_at - result.started_at).total_seconds() < 30
         # Both slots are usable again: the stuck child was replaced, not leaked.
         ids = [await client.submit("block", 0.1, wait=True) for _ in range(4)]
         for task_id in ids:

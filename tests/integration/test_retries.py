@@ -77,8 +77,8 @@ async def test_failures_are_retried_with_backoff_held_by_the_broker(retry_cluste
             return state.get("attempt") == 4 and state.get("status") == "retrying"
 
         # Attempt 5 waits for the 8 s step (a delay of 4-8 s): meanwhile the broker
-        # holds the task, not the worker. Wait for a heartbeat sent after the failure,
-        # so its in-flight list is current.
+        # holds the task, not the worker. A heartbeat sent after the failure shows the
+        # worker idle (one sent while it was still confirming the retry may not).
         await eventually(fourth_failure, 40, "the fourth failure")
         failed_at = max(_at(a["finished_at"]) for a in state["attempts"] if a["attempt"] == 4)
         workers: list = []
@@ -86,12 +86,12 @@ async def test_failures_are_retried_with_backoff_held_by_the_broker(retry_cluste
         async def idle_beat() -> bool:
             nonlocal workers
             workers = await api.workers()
-            return any(_at(w["last_seen"]) > failed_at for w in workers)
+            return any(_at(w["last_seen"]) > failed_at and not w["in_flight"] for w in workers)
 
-        await eventually(idle_beat, 10, "a heartbeat after the failure")
+        await eventually(idle_beat, 10, "a heartbeat of the idle worker after the failure")
         parked = await _parked(c, 8)
-        counted_at = utcnow()  # the count is valid only if read before the delay ran out
-        assert counted_at < _at(state["retry_at"]), "counted too late to prove anything"
+        counted_at = utcnow()  # both observations prove something only before the delay ran out
+        assert counted_at < _at(state["retry_at"]), "observed too late to prove anything"
         assert parked == 1
         assert [(w["id"], w["state"], w["in_flight"]) for w in workers] == [("rw", "alive", [])]
         result = await client.result(task_id, timeout_s=40)
