@@ -8,7 +8,7 @@ A handler is a plain function ``(ctx, payload) -> result``, ``async def`` or not
     async def resize(ctx: TaskContext, payload: dict) -> dict:
         ...
 
-    @task("checksum", blocking=True)      # sync: runs in a thread, off the event loop
+    @task("checksum", blocking=True)      # sync: runs in a child process, off the event loop
     def checksum(ctx: TaskContext, payload: str) -> str:
         ...
 
