@@ -21,6 +21,19 @@ async def eventually(
         await asyncio.sleep(interval_s)
 
 
+async def ready_messages(url: str, queue: str) -> int:
+    """Messages ready in a queue (not delivered to any consumer), as the broker counts them."""
+    import aio_pika
+
+    connection = await aio_pika.connect(
+        url, client_properties={"connection_name": f"test-queue-probe-{queue}"}
+    )
+    async with connection:
+        channel = await connection.channel()
+        declared = await channel.declare_queue(queue, passive=True)
+        return int(declared.declaration_result.message_count or 0)
+
+
 class TrackerApi:
     """The tracker's HTTP API, for assertions."""
 
@@ -30,6 +43,21 @@ class TrackerApi:
     async def task(self, task_id: str) -> dict[str, Any]:
         r = await self.http.get(f"/tasks/{task_id}")
         return r.json() if r.status_code == 200 else {}
+
+    async def reach(self, task_id: str, status: str, timeout_s: float = 30) -> dict[str, Any]:
+        """The task's view once its status is `status` (the last view seen on a timeout)."""
+        seen: dict[str, Any] = {}
+
+        async def reached() -> bool:
+            seen.clear()
+            seen.update(await self.task(task_id))
+            return seen.get("status") == status
+
+        try:
+            await eventually(reached, timeout_s, f"task {task_id} to be {status}")
+        except TimeoutError as exc:
+            raise TimeoutError(f"{exc} (last seen: {seen})") from None
+        return dict(seen)
 
     async def stats(self) -> dict[str, Any]:
         return (await self.http.get("/stats")).json()

@@ -14,9 +14,8 @@ from typing import Any
 
 import httpx
 import pytest
-from helpers import TrackerApi, eventually, report
+from helpers import TrackerApi, eventually, ready_messages, report
 
-from leveret.amqp import connect
 from leveret.cli.procs import Cluster
 
 pytestmark = [pytest.mark.broker, pytest.mark.chaos]
@@ -44,15 +43,6 @@ def describe(starts: list[datetime], since: datetime) -> str:
         f"median {statistics.median(delays):.2f} s, max {max(delays):.2f} s "
         f"over {len(delays)} tasks"
     )
-
-
-async def queued(url: str, queue: str) -> int:
-    """Messages waiting (not yet delivered) in a queue, as the broker counts them now."""
-    connection = await connect(url, "test-queue-probe")
-    async with connection:
-        channel = await connection.channel()
-        declared = await channel.declare_queue(queue, passive=True)
-        return int(declared.declaration_result.message_count or 0)
 
 
 async def test_nothing_lost_or_recorded_twice_under_chaos(cluster: Cluster) -> None:
@@ -84,7 +74,7 @@ async def test_nothing_lost_or_recorded_twice_under_chaos(cluster: Cluster) -> N
     work_queue = f"{cluster.namespace}.work.default"
     await eventually(lambda: completed_at_least(150), 60, "150 completed tasks")
     # Each fault strikes while work still waits in the queue (so the workers are busy).
-    assert await queued(cluster.amqp_url, work_queue) > 0
+    assert await ready_messages(cluster.amqp_url, work_queue) > 0
     killed_at = datetime.now(UTC)
     workers["w1"].send(signal.SIGKILL)
 
@@ -99,7 +89,7 @@ async def test_nothing_lost_or_recorded_twice_under_chaos(cluster: Cluster) -> N
 
     await eventually(w1_released, 30, "w1's tasks to be taken by other workers")
     await eventually(lambda: completed_at_least(450), 60, "450 completed tasks")
-    assert await queued(cluster.amqp_url, work_queue) > 0
+    assert await ready_messages(cluster.amqp_url, work_queue) > 0
     frozen_at = datetime.now(UTC)
     workers["w2"].send(signal.SIGSTOP)
 

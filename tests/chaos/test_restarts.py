@@ -15,7 +15,7 @@ from pathlib import Path
 import aio_pika
 import httpx
 import pytest
-from helpers import TrackerApi, eventually, report
+from helpers import TrackerApi, eventually, ready_messages, report
 
 from leveret.amqp import connect
 from leveret.cli.procs import Cluster
@@ -97,15 +97,6 @@ async def test_scheduler_killed_mid_submission_loses_and_doubles_nothing(cluster
     assert refused > 0, "the kill did not interrupt submissions"
 
 
-async def _queued(url: str, queue: str) -> int:
-    """Messages waiting (not yet delivered) in a queue, as the broker counts them now."""
-    connection = await connect(url, "test-queue-probe")
-    async with connection:
-        channel = await connection.channel()
-        declared = await channel.declare_queue(queue, passive=True)
-        return int(declared.declaration_result.message_count or 0)
-
-
 async def _durable_result_log(url: str, namespace: str) -> str:
     """A quorum queue bound to every result, which outlives a broker restart."""
     name = f"{namespace}.test-results"
@@ -179,7 +170,7 @@ async def test_broker_restart_loses_nothing(private_broker, tmp_path) -> None:  
         await eventually(lambda: at_least(100), 60, "100 completed tasks")
         # The precondition at the moment of the fault: work waits in the queue (and the
         # gated tasks cannot finish, so it still does when the node is down).
-        queued = await _queued(private_broker.url, f"{cluster.namespace}.work.default")
+        queued = await ready_messages(private_broker.url, f"{cluster.namespace}.work.default")
         done_before = await completed()
         assert queued > 0 and done_before <= sleeps, (queued, done_before)
         await asyncio.to_thread(private_broker.stop)

@@ -133,21 +133,6 @@ async def _submit_batch(c: Cluster, tasks: list[dict[str, Any]]) -> list[dict[st
     return list(r.json()["tasks"])
 
 
-async def _status(api: TrackerApi, task_id: str, status: str, timeout_s: float = 30) -> dict:
-    seen: dict[str, Any] = {}
-
-    async def reached() -> bool:
-        seen.clear()
-        seen.update(await api.task(task_id))
-        return seen.get("status") == status
-
-    try:
-        await eventually(reached, timeout_s, f"task {task_id} to be {status}")
-    except TimeoutError as exc:
-        raise TimeoutError(f"{exc} (last seen: {seen})") from None
-    return dict(seen)
-
-
 def _never_ran(state: dict[str, Any], marker: Path) -> None:
     assert state["attempts"] == [] and state["started_at"] is None, state
     assert not marker.exists(), f"the handler of {state['id']} ran"
@@ -176,18 +161,18 @@ async def test_a_cancelled_delayed_task_ends_at_once_and_never_starts(
     )
     assert [a["status"] for a in answers] == ["delayed", "delayed"]
     try:
-        await _status(api, doomed, "delayed", 10)
+        await api.reach(doomed, "delayed", 10)
         asked = utcnow()
         r = await _cancel(c, doomed)
         assert asked < due, "precondition: the task must still be held when it is cancelled"
         assert r.status_code == 202 and r.json()["status"] == "cancelling", r.text
-        ended = await _status(api, doomed, "cancelled", 20)
+        ended = await api.reach(doomed, "cancelled", 20)
         recorded = utcnow()
         assert ended["error"]["type"] == "cancelled"
         # Ended by the scheduler when asked, not settled by a worker at its due time.
         assert _at(ended["finished_at"]) < due
         assert (await _cancel(c, doomed)).status_code == 409  # it has ended now
-        done = await _status(api, witness, "completed", 30)
+        done = await api.reach(witness, "completed", 30)
         assert _at(done["started_at"]) >= due + timedelta(seconds=0.5)
         assert witness_marker.exists()
         _never_ran(await api.task(doomed), marker)
@@ -238,12 +223,12 @@ async def test_a_cancelled_blocked_task_ends_while_its_parent_runs(
     )
     assert [a["status"] for a in answers] == ["pending", "blocked", "blocked", "blocked"]
     try:
-        await _status(api, parent, "running", 20)
-        await _status(api, child, "blocked", 10)
+        await api.reach(parent, "running", 20)
+        await api.reach(child, "blocked", 10)
         r = await _cancel(c, child)
         assert r.status_code == 202, r.text
-        ended = await _status(api, child, "cancelled", 20)
-        orphan = await _status(api, grandchild, "cancelled", 20)
+        ended = await api.reach(child, "cancelled", 20)
+        orphan = await api.reach(grandchild, "cancelled", 20)
         # Both ended while their (grand)parent still ran: it waits for the test's release.
         assert (await api.task(parent))["status"] == "running"
         assert ended["error"]["type"] == "cancelled"
@@ -253,8 +238,8 @@ async def test_a_cancelled_blocked_task_ends_while_its_parent_runs(
         }
         assert (await api.task(sibling))["status"] == "blocked"  # not affected
         release.touch()
-        await _status(api, parent, "completed", 20)
-        await _status(api, sibling, "completed", 20)
+        await api.reach(parent, "completed", 20)
+        await api.reach(sibling, "completed", 20)
         assert markers["sibling"].exists()
         for task_id, name in ((child, "child"), (grandchild, "grandchild")):
             state = await api.task(task_id)
@@ -297,13 +282,13 @@ async def test_cancelling_a_running_parent_ends_its_dependants_transitively(
         ],
     )
     try:
-        await _status(api, parent, "running", 20)
-        await _status(api, other, "completed", 20)
+        await api.reach(parent, "running", 20)
+        await api.reach(other, "completed", 20)
         assert (await api.task(child))["status"] == "blocked"  # only the gated parent is left
         await _cancel_over_amqp(c, parent, "plans changed")
-        stopped = await _status(api, parent, "cancelled", 20)
-        first = await _status(api, child, "cancelled", 20)
-        second = await _status(api, grandchild, "cancelled", 20)
+        stopped = await api.reach(parent, "cancelled", 20)
+        first = await api.reach(child, "cancelled", 20)
+        second = await api.reach(grandchild, "cancelled", 20)
     finally:
         await api.close()
     assert stopped["error"] == {"type": "cancelled", "message": "plans changed"}
@@ -357,7 +342,7 @@ async def test_a_task_waiting_for_a_capability_never_runs_once_cancelled(
             )
             result = await client.result(after, timeout_s=30)
         assert result.status == TaskStatus.COMPLETED and result.worker == "gpu"
-        ended = await _status(api, doomed_id, "cancelled", 20)
+        ended = await api.reach(doomed_id, "cancelled", 20)
     finally:
         await api.close()
         await connection.close()
@@ -376,7 +361,7 @@ async def test_cancelling_a_task_that_already_ended_is_a_conflict(
         task_id = await client.submit("echo", "done", wait=True)
         result = await client.result(task_id, timeout_s=30)
     assert result.status == TaskStatus.COMPLETED
-    await _status(api, task_id, "completed", 20)
+    await api.reach(task_id, "completed", 20)
     answers: list[int] = []
 
     async def conflict() -> bool:

@@ -15,7 +15,7 @@ from typing import Any
 import aio_pika
 import httpx
 import pytest
-from helpers import TrackerApi, eventually, report
+from helpers import TrackerApi, eventually, ready_messages, report
 
 from leveret.cli.procs import Cluster
 from leveret.client import Client
@@ -36,21 +36,6 @@ def at(value: str) -> datetime:
 
 def uid(name: str) -> str:
     return f"{name}-{uuid.uuid4().hex[:6]}"
-
-
-async def wait_status(api: TrackerApi, task_id: str, status: str, timeout_s: float = 30) -> dict:
-    seen: dict[str, Any] = {}
-
-    async def reached() -> bool:
-        seen.clear()
-        seen.update(await api.task(task_id))
-        return seen.get("status") == status
-
-    try:
-        await eventually(reached, timeout_s, f"task {task_id} to be {status}")
-    except TimeoutError as exc:
-        raise TimeoutError(f"{exc} (last seen: {seen})") from None
-    return dict(seen)
 
 
 async def submit_batch(cluster: Cluster, tasks: list[dict[str, Any]]) -> httpx.Response:
@@ -76,7 +61,7 @@ async def test_a_dag_in_one_batch_runs_in_dependency_order(cluster: Cluster) -> 
     assert [t["status"] for t in r.json()["tasks"]] == ["blocked", "blocked", "blocked", "pending"]
     api = TrackerApi(cluster.tracker_url)
     try:
-        await wait_status(api, d, "completed", 30)
+        await api.reach(d, "completed", 30)
         state = {t: await api.task(t) for t in (a, b, c, d)}
     finally:
         await api.close()
@@ -113,9 +98,9 @@ async def test_a_failing_parent_fails_its_dependants_transitively(cluster: Clust
     assert r.status_code == 202, r.text
     api = TrackerApi(cluster.tracker_url)
     try:
-        child = await wait_status(api, b, "failed")
-        grandchild = await wait_status(api, c, "failed")
-        await wait_status(api, ok, "completed")  # a sibling parent is not affected
+        child = await api.reach(b, "failed")
+        grandchild = await api.reach(c, "failed")
+        await api.reach(ok, "completed")  # a sibling parent is not affected
     finally:
         await api.close()
     assert child["error"] == {
@@ -203,7 +188,7 @@ async def test_a_delayed_task_starts_on_time_not_before(cluster: Cluster) -> Non
     answered = utcnow()
     api = TrackerApi(cluster.tracker_url)
     try:
-        done = await wait_status(api, task_id, "completed", 30)
+        done = await api.reach(task_id, "completed", 30)
     finally:
         await api.close()
     run_at = at(done["run_at"])
@@ -237,7 +222,7 @@ async def test_run_at_naive_is_utc_and_is_honoured(cluster: Cluster) -> None:
     try:
         errors = []
         for task_id, expected in ((first, due), (second, due + timedelta(seconds=0.5))):
-            done = await wait_status(api, task_id, "completed", 30)
+            done = await api.reach(task_id, "completed", 30)
             assert abs((at(done["run_at"]) - expected).total_seconds()) < 0.001
             error_s = (at(done["started_at"]) - expected).total_seconds()
             assert 0 <= error_s < LATE_SANITY_S, f"{task_id} started {error_s:.3f} s after run_at"
@@ -250,15 +235,6 @@ async def test_run_at_naive_is_utc_and_is_honoured(cluster: Cluster) -> None:
 def gated(release: Path) -> str:
     """A shell command that runs until the test creates `release` (workers need --shell)."""
     return f"while [ ! -e {release} ]; do sleep 0.02; done"
-
-
-async def queue_depth(url: str, name: str) -> int:
-    """Messages ready in a queue, as the broker counts them."""
-    connection = await aio_pika.connect(url)
-    async with connection:
-        channel = await connection.channel()
-        queue = await channel.declare_queue(name, passive=True)
-        return queue.declaration_result.message_count or 0
 
 
 async def test_a_blocked_task_survives_a_scheduler_kill(cluster: Cluster, tmp_path: Path) -> None:
@@ -280,21 +256,21 @@ async def test_a_blocked_task_survives_a_scheduler_kill(cluster: Cluster, tmp_pa
     outcomes = Topology(cluster.namespace).scheduler_outcomes.name
     api = TrackerApi(cluster.tracker_url)
     try:
-        await wait_status(api, parent, "running", 20)
-        await wait_status(api, child, "blocked", 10)
+        await api.reach(parent, "running", 20)
+        await api.reach(child, "blocked", 10)
         scheduler.send(signal.SIGKILL)
         await asyncio.to_thread(scheduler.proc.wait, 10)
         release.touch()  # only now can the parent finish: while the scheduler is dead
-        await wait_status(api, parent, "completed", 20)
+        await api.reach(parent, "completed", 20)
 
         async def outcome_waits() -> bool:
-            return await queue_depth(cluster.amqp_url, outcomes) >= 1
+            return await ready_messages(cluster.amqp_url, outcomes) >= 1
 
         await eventually(outcome_waits, 20, "the parent's outcome queued for the scheduler")
         assert (await api.task(child))["status"] == "blocked"  # nobody released it
         restarted = time.monotonic()
         await asyncio.to_thread(cluster.start_scheduler)
-        done = await wait_status(api, child, "completed", 30)
+        done = await api.reach(child, "completed", 30)
         parent_state = await api.task(parent)
     finally:
         release.touch()
@@ -331,8 +307,8 @@ async def test_a_parent_that_ends_while_the_tracker_is_down_still_releases(
             ],
         )
         assert r.status_code == 202, r.text
-        await wait_status(api, parent, "running", 20)
-        await wait_status(api, child, "blocked", 10)
+        await api.reach(parent, "running", 20)
+        await api.reach(child, "blocked", 10)
         tracker.send(signal.SIGKILL)
         await asyncio.to_thread(tracker.proc.wait, 10)
         release.touch()  # only now can the parent finish: while the tracker is dead
@@ -349,7 +325,7 @@ async def test_a_parent_that_ends_while_the_tracker_is_down_still_releases(
         assert child not in seen
         restarted = utcnow()
         await asyncio.to_thread(cluster.start_tracker)
-        done = await wait_status(api, child, "completed", 30)
+        done = await api.reach(child, "completed", 30)
         parent_state = await api.task(parent)
     finally:
         release.touch()

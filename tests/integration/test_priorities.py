@@ -6,10 +6,9 @@ from collections import Counter
 from datetime import datetime
 from pathlib import Path
 
-import aio_pika
 import httpx
 import pytest
-from helpers import TrackerApi, eventually, report
+from helpers import TrackerApi, eventually, ready_messages, report
 
 from leveret.cli.procs import Cluster
 from leveret.client import Client
@@ -25,15 +24,6 @@ async def _all_done(api: TrackerApi, n: int) -> None:
         return counts["completed"] + counts["failed"] >= n
 
     await eventually(done, 120, f"{n} tasks to finish", interval_s=0.1)
-
-
-async def _ready(amqp_url: str, queue: str) -> int:
-    """Messages ready (not delivered to any consumer) in a queue, as the broker counts them."""
-    connection = await aio_pika.connect(amqp_url)
-    async with connection:
-        channel = await connection.channel()
-        declared = await channel.declare_queue(queue, passive=True)
-        return declared.declaration_result.message_count or 0
 
 
 def _start_order(states: list[dict]) -> list[str]:
@@ -66,7 +56,7 @@ async def test_high_priority_overtakes_a_low_backlog(cluster: Cluster, tmp_path:
             high_id = r.json()["id"]
 
         async def delivered() -> bool:  # the high task waits on the worker for the slot
-            return await _ready(cluster.amqp_url, high_queue) == 0
+            return await ready_messages(cluster.amqp_url, high_queue) == 0
 
         await eventually(delivered, 30, "the high task to reach the worker")
         async with Client(cluster.amqp_url, namespace=cluster.namespace) as client:
