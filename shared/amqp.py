@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -46,6 +47,18 @@ BROKER_EXCEPTIONS: tuple[type[Exception], ...] = (
 UNCONFIRMED: tuple[type[Exception], ...] = (PublishError, *BROKER_EXCEPTIONS)
 
 JSON = "application/json"
+
+
+@contextmanager
+def map_broker_errors() -> Iterator[None]:
+    """The broker boundary: aio-pika/aiormq and socket errors raised inside become
+    :class:`BrokerError` (leveret's errors pass through unchanged)."""
+    try:
+        yield
+    except BROKER_EXCEPTIONS as exc:
+        raise BrokerError(f"broker unavailable: {type(exc).__name__}: {exc}") from exc
+
+
 T = TypeVar("T")
 
 

@@ -14,11 +14,19 @@ typo never silently drops an option.
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, TypeAdapter, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    TypeAdapter,
+    field_validator,
+    model_validator,
+)
 
 PROTOCOL_VERSION = 1
 
@@ -43,6 +51,26 @@ TAG_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:=\-]{0,63}$"
 
 #: At most this many capability tags in one task's `requires`.
 MAX_REQUIRES = 16
+
+# Bounds on what a producer controls (see docs/protocol.md, "Limits"); a submission
+# past one is refused with a 4xx, never half-accepted.
+#: Arrays and objects in a payload nest at most this deep (``[[1]]`` is 2 levels).
+MAX_PAYLOAD_DEPTH = 64
+#: Integers in a payload fit in 64 bits (signed or unsigned), as most JSON readers need.
+MIN_PAYLOAD_INT = -(2**63)
+MAX_PAYLOAD_INT = 2**64 - 1
+#: Parents one task may name in `depends_on`.
+MAX_DEPENDS_ON = 1000
+#: Tasks in one `POST /tasks/batch`.
+MAX_BATCH = 10_000
+#: Dependency edges (`depends_on` entries) in one request, all its tasks together.
+MAX_EDGES_PER_REQUEST = 10_000
+#: Longest `delay_s`, and how far ahead `run_at` may be: 366 days.
+MAX_DELAY_S = 366 * 24 * 3600
+#: Longest `timeout_s`: 7 days.
+MAX_TIMEOUT_S = 7 * 24 * 3600
+#: The earliest `run_at` accepted (an earlier one is surely a mistake, not "run now").
+MIN_RUN_AT = datetime(2000, 1, 1, tzinfo=UTC)
 
 TaskId = Annotated[str, Field(pattern=ID_PATTERN, description="Task id; also the idempotency key.")]
 Kind = Annotated[str, Field(pattern=KIND_PATTERN, description="Name of the handler that runs it.")]
@@ -111,11 +139,11 @@ class SubmitTask(BaseModel):
     )
     depends_on: list[TaskId] | None = Field(
         default=None,
-        max_length=1000,
+        max_length=MAX_DEPENDS_ON,
         description="Ids of tasks that must complete first (earlier, or in the same batch).",
     )
     timeout_s: float | None = Field(
-        default=None, gt=0, le=7 * 24 * 3600, description="Seconds one attempt may run."
+        default=None, gt=0, le=MAX_TIMEOUT_S, description="Seconds one attempt may run."
     )
     max_retries: int | None = Field(
         default=None, ge=0, le=100, description="Attempts after the first that a failure may use."
@@ -126,10 +154,12 @@ class SubmitTask(BaseModel):
         description="Capabilities a worker must have, all of them, to run the task.",
     )
     delay_s: float | None = Field(
-        default=None, ge=0, le=366 * 24 * 3600, description="Run no earlier than this from now."
+        default=None, ge=0, le=MAX_DELAY_S, description="Run no earlier than this from now."
     )
     run_at: datetime | None = Field(
-        default=None, description="Run no earlier than this time (ISO 8601; UTC if no offset)."
+        default=None,
+        description="Run no earlier than this time (ISO 8601; UTC if no offset); "
+        "from 2000-01-01 to 366 days ahead.",
     )
 
     @model_validator(mode="after")
@@ -138,13 +168,28 @@ class SubmitTask(BaseModel):
             raise ValueError("give delay_s or run_at, not both")
         return self
 
+    @field_validator("run_at")
+    @classmethod
+    def _sane_run_at(cls, value: datetime | None) -> datetime | None:
+        if value is None:
+            return None
+        try:  # an offset can push the far ends of the calendar out of range
+            moment = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        except OverflowError as exc:
+            raise ValueError("run_at is out of range") from exc
+        if moment < MIN_RUN_AT:
+            raise ValueError(f"run_at is before {MIN_RUN_AT.isoformat()}")
+        if moment > utcnow() + timedelta(seconds=MAX_DELAY_S):
+            raise ValueError(f"run_at is more than {MAX_DELAY_S // 86400} days ahead")
+        return moment
+
 
 class SubmitBatch(BaseModel):
     """Body of `POST /tasks/batch`."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    tasks: list[SubmitTask] = Field(min_length=1, max_length=10_000)
+    tasks: list[SubmitTask] = Field(min_length=1, max_length=MAX_BATCH)
 
 
 class Accepted(_Model):

@@ -7,6 +7,8 @@ the URL says so, e.g. for several tracker replicas sharing one state.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -23,10 +25,10 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from leveret.errors import ConfigError
+from leveret.errors import ConfigError, StoreError, StoreUnavailable
 
 
 def create_engine(url: str) -> AsyncEngine:
@@ -65,6 +67,24 @@ def is_transient(exc: BaseException) -> bool:
             or sqlstate.startswith(_TRANSIENT_SQLSTATES)
         )
     return isinstance(exc, OSError | TimeoutError)
+
+
+@contextmanager
+def map_db_errors() -> Iterator[None]:
+    """The database boundary: SQLAlchemy and driver errors raised inside become
+    :class:`StoreUnavailable` (transient, see :func:`is_transient`) or :class:`StoreError`."""
+    try:
+        yield
+    except SQLAlchemyError as exc:
+        if is_transient(exc):
+            raise StoreUnavailable(f"database unavailable: {_first_line(exc)}") from exc
+        raise StoreError(f"database error: {_first_line(exc)}") from exc
+    except (OSError, TimeoutError) as exc:  # the driver failing below SQLAlchemy
+        raise StoreUnavailable(f"database unavailable: {exc}") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0][:300]
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

@@ -1,12 +1,16 @@
-"""leveret's exceptions. Lower-layer errors (aio-pika, aiormq, SQLAlchemy) are
-translated at one boundary each (see :mod:`leveret.amqp`) with ``raise … from exc``.
+"""leveret's exceptions. Lower-layer errors are translated at one boundary each with
+``raise … from exc``: aio-pika/aiormq by :func:`leveret.amqp.map_broker_errors`,
+SQLAlchemy and the database drivers by :func:`leveret.db.map_db_errors`.
 
 ::
 
     LeveretError
     ├── ConfigError            settings that cannot work
-    ├── BrokerError            the broker refused or could not be reached
-    │   └── PublishError       a message was not confirmed (nack, unroutable, lost)
+    ├── UnavailableError       transient: the broker or the store cannot serve now; retry
+    │   ├── BrokerError        the broker refused or could not be reached
+    │   │   └── PublishError   a message was not confirmed (nack, unroutable, lost)
+    │   └── StoreUnavailable   the database is unreachable, locked or refusing sessions
+    ├── StoreError             the database refused a statement (retrying will not help)
     ├── SubmissionError        a submission is invalid; carries an HTTP status and a code
     └── TaskFailed             raised by a handler to fail its task with a chosen type
 """
@@ -22,7 +26,19 @@ class ConfigError(LeveretError):
     """Settings that cannot work (bad URL, unknown handler module, …)."""
 
 
-class BrokerError(LeveretError):
+class UnavailableError(LeveretError):
+    """A dependency (broker or database) cannot serve now; the same call may succeed later."""
+
+
+class StoreUnavailable(UnavailableError):
+    """The database is unreachable, locked, or refusing new sessions for now."""
+
+
+class StoreError(LeveretError):
+    """The database refused a statement for good (a constraint, a value it cannot hold)."""
+
+
+class BrokerError(UnavailableError):
     """The broker refused an operation or could not be reached."""
 
 
@@ -53,6 +69,9 @@ __all__ = [
     "ConfigError",
     "LeveretError",
     "PublishError",
+    "StoreError",
+    "StoreUnavailable",
     "SubmissionError",
     "TaskFailed",
+    "UnavailableError",
 ]

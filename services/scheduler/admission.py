@@ -16,17 +16,24 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
+import pydantic_core
 from loguru import logger
-from pydantic import ValidationError
+from pydantic import JsonValue, ValidationError
 
+from leveret.amqp import map_broker_errors
 from leveret.batching import fill_batch
 from leveret.contracts import (
     DEFAULT_PRIORITY,
+    MAX_EDGES_PER_REQUEST,
+    MAX_PAYLOAD_DEPTH,
+    MAX_PAYLOAD_INT,
+    MIN_PAYLOAD_INT,
     POOL_PATTERN,
     Accepted,
     SubmitTask,
@@ -35,7 +42,8 @@ from leveret.contracts import (
     new_task_id,
     utcnow,
 )
-from leveret.errors import SubmissionError
+from leveret.db import map_db_errors
+from leveret.errors import SubmissionError, UnavailableError
 from leveret.handlers import BUILTIN_KINDS
 from leveret.scheduler.dispatch import Announced, Dispatcher
 from leveret.scheduler.holds import ParentOutcome, describe_cycle, due_time, find_cycle, is_held
@@ -77,32 +85,69 @@ class KindCatalog:
         return sorted(self._kinds)
 
 
+def decode_json(body: bytes) -> JsonValue:
+    """Parse a request body as JSON, or raise a :class:`SubmissionError` saying why.
+
+    pydantic-core's parser refuses NaN and Infinity and stops at a nesting depth of a
+    few hundred with an error (Python's ``json`` would raise RecursionError instead).
+    """
+    try:
+        data: JsonValue = pydantic_core.from_json(body, allow_inf_nan=False)
+    except ValueError as exc:
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError as bad:
+            raise SubmissionError("invalid_encoding", f"body is not UTF-8: {bad}", 400) from exc
+        if "recursion limit" in str(exc):
+            raise SubmissionError(
+                "too_deep", f"body nests too deep (a payload: {MAX_PAYLOAD_DEPTH} levels)", 422
+            ) from exc
+        raise SubmissionError("invalid_json", f"body is not JSON: {exc}", 400) from exc
+    return data
+
+
+def check_json_bounds(value: JsonValue, where: str = "payload") -> None:
+    """Refuse a JSON value nested deeper than :data:`MAX_PAYLOAD_DEPTH`, or holding a
+    number that is not finite (``1e400``) or an integer wider than 64 bits."""
+    stack: list[tuple[JsonValue, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth >= MAX_PAYLOAD_DEPTH:
+                raise SubmissionError(
+                    "too_deep", f"{where} nests deeper than {MAX_PAYLOAD_DEPTH} levels", 422
+                )
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+        elif isinstance(item, float) and not math.isfinite(item):
+            raise SubmissionError("invalid_number", f"{where} holds a number out of range", 422)
+        elif isinstance(item, int) and not MIN_PAYLOAD_INT <= item <= MAX_PAYLOAD_INT:
+            raise SubmissionError(
+                "invalid_number", f"{where} holds an integer wider than 64 bits", 422
+            )
+
+
 def parse_body(body: bytes, max_bytes: int) -> SubmitTask:
-    """Decode one submission (raw bytes) or raise a :class:`SubmissionError` saying why."""
+    """Decode one submission (raw bytes) or raise a :class:`SubmissionError` saying why.
+
+    The submission decoder: for any bytes it returns a task within every bound of the
+    protocol or raises SubmissionError, nothing else (a property test holds it to that).
+    """
     if len(body) > max_bytes:
         raise SubmissionError(
             "payload_too_large", f"submission is {len(body)} bytes; the limit is {max_bytes}", 413
         )
-    try:  # fast path: one pass in pydantic-core; the slow path below explains failures
-        return SubmitTask.model_validate_json(body)
-    except ValidationError:
-        pass
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise SubmissionError("invalid_encoding", f"body is not UTF-8: {exc}", 400) from exc
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise SubmissionError("invalid_json", f"body is not JSON: {exc}", 400) from exc
+    data = decode_json(body)
     if not isinstance(data, dict):
         raise SubmissionError(
             "not_an_object", f"body must be a JSON object, got {type(data).__name__}", 400
         )
     try:
-        return SubmitTask.model_validate(data)
+        task = SubmitTask.model_validate(data)
     except ValidationError as exc:
         raise SubmissionError("invalid_task", describe(exc), 422) from exc
+    check_json_bounds(task.payload)
+    return task
 
 
 def check_supported(task: SubmitTask, kinds: KindCatalog) -> None:
@@ -165,7 +210,15 @@ def submission(task: SubmitTask, message: TaskMessage) -> Submission:
 
 
 def check_graph(subs: Sequence[Submission]) -> None:
-    """Refuse a request whose tasks depend on each other in a cycle (or on themselves)."""
+    """Refuse a request with too many dependency edges in all, or whose tasks depend on
+    each other in a cycle (or on themselves)."""
+    edges = sum(len(s.depends_on) for s in subs)
+    if edges > MAX_EDGES_PER_REQUEST:
+        raise SubmissionError(
+            "too_many_dependencies",
+            f"the request names {edges} parents in all; the limit is {MAX_EDGES_PER_REQUEST}",
+            413,
+        )
     graph: dict[str, Sequence[str]] = {}
     for s in subs:
         graph.setdefault(s.id, s.depends_on)  # the first copy of an id is the one kept
@@ -190,6 +243,24 @@ class _Request:
     subs: Sequence[Submission]
     future: asyncio.Future[list[Accepted]] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+def _fail(batch: Sequence[_Request], exc: BaseException) -> None:
+    for request in batch:
+        if not request.future.done():
+            request.future.set_exception(exc)
+
+
+def unprocessable(exc: BaseException) -> SubmissionError:
+    """The refusal of a submission whose admission raised something unforeseen that
+    retrying will not change (the store refused a value, or a bug): never a 500 or a
+    stranded message."""
+    reason = str(exc).splitlines()[0][:300] if str(exc) else ""
+    return SubmissionError(
+        "unprocessable",
+        f"the scheduler cannot admit this submission: {type(exc).__name__}: {reason}",
+        422,
     )
 
 
@@ -239,20 +310,38 @@ class Admission:
         while True:
             batch = await self._collect()
             try:
-                admitted, known = await self._check_parents(batch)
-                answers = await self._process([s for r in admitted for s in r.subs], known)
-            except Exception as exc:
-                logger.opt(exception=exc).error("admission of {} requests failed", len(batch))
+                await self._admit(batch)
+            except UnavailableError as exc:
+                logger.warning("admission of {} requests failed: {}", len(batch), exc)
+                _fail(batch, exc)
+            except Exception as exc:  # not transient: find the request that causes it
+                if len(batch) == 1:
+                    logger.opt(exception=exc).error("admission of one request failed")
+                    _fail(batch, unprocessable(exc))
+                    continue
                 for request in batch:
-                    if not request.future.done():
-                        request.future.set_exception(exc)
-                continue
-            offset = 0
-            for request in admitted:
-                n = len(request.subs)
-                if not request.future.done():
-                    request.future.set_result(answers[offset : offset + n])
-                offset += n
+                    if request.future.done():
+                        continue
+                    try:
+                        await self._admit([request])
+                    except UnavailableError as alone:
+                        _fail([request], alone)
+                    except Exception as alone:
+                        logger.opt(exception=alone).error("admission of one request failed")
+                        _fail([request], unprocessable(alone))
+
+    async def _admit(self, batch: list[_Request]) -> None:
+        """Admit a batch of requests in one transaction and one burst of publishes. The
+        one boundary of admission: store and broker errors leave as leveret errors."""
+        with map_db_errors(), map_broker_errors():
+            admitted, known = await self._check_parents(batch)
+            answers = await self._process([s for r in admitted for s in r.subs], known)
+        offset = 0
+        for request in admitted:
+            n = len(request.subs)
+            if not request.future.done():
+                request.future.set_result(answers[offset : offset + n])
+            offset += n
 
     async def _collect(self) -> list[_Request]:
         first = await self._queue.get()
@@ -289,13 +378,14 @@ class Admission:
             )
             if missing:
                 shown = ", ".join(missing[:10]) + (" …" if len(missing) > 10 else "")
-                request.future.set_exception(
+                _fail(
+                    [request],
                     SubmissionError(
                         "unknown_dependency",
                         f"depends_on names unknown task(s): {shown}; a parent must be "
                         "submitted before its dependants or in the same batch",
                         422,
-                    )
+                    ),
                 )
                 continue
             earlier |= own

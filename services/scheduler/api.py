@@ -18,30 +18,27 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from loguru import logger
 from pydantic import ValidationError
-from sqlalchemy.exc import SQLAlchemyError
 
 from leveret import __version__
-from leveret.amqp import BROKER_EXCEPTIONS
 from leveret.contracts import Accepted, CancelTask, SubmitBatch, SubmitTask
-from leveret.db import is_transient
-from leveret.errors import LeveretError, SubmissionError
+from leveret.errors import SubmissionError, UnavailableError
 from leveret.scheduler.admission import (
     Admission,
     KindCatalog,
     check_graph,
+    check_json_bounds,
     check_payload_size,
     check_supported,
+    decode_json,
     describe,
     envelope,
     parse_body,
     submission,
+    unprocessable,
 )
 from leveret.scheduler.cancel import CancelAnswer, request_cancel
 from leveret.scheduler.ratelimit import RateLimiter
 from leveret.scheduler.store import Submission
-
-#: What makes a submission fail with 503 (retry later) rather than 4xx.
-UNAVAILABLE: tuple[type[Exception], ...] = (LeveretError, *BROKER_EXCEPTIONS)
 
 #: A batch body may hold many tasks; each one's payload is still held to the task limit.
 BATCH_BODY_FACTOR = 64
@@ -63,11 +60,20 @@ def _unavailable(exc: BaseException) -> JSONResponse:
     )
 
 
-async def _store_unavailable(_request: Request, exc: Exception) -> JSONResponse:
-    """503 + Retry-After while the scheduler's database is unavailable (else a 500)."""
-    if not is_transient(exc):
-        raise exc
+async def _unavailable_handler(_request: Request, exc: Exception) -> JSONResponse:
+    """503 + Retry-After while the scheduler's database or broker is unavailable."""
     return _unavailable(exc)
+
+
+def _decode(body: bytes, max_bytes: int) -> SubmitTask:
+    """:func:`parse_body`, with anything unexpected also answered as a refusal."""
+    try:
+        return parse_body(body, max_bytes)
+    except SubmissionError:
+        raise
+    except Exception as exc:  # the decoder is meant to be total; a 4xx, never a 500
+        logger.opt(exception=exc).error("submission not decodable")
+        raise unprocessable(exc) from exc
 
 
 def _body_schema(model: str) -> dict[str, Any]:
@@ -112,7 +118,7 @@ class _Routes:
         """Submit one task. 202 when accepted; 200 with status `duplicate` for a known id."""
         body = await request.body()
         try:
-            task = parse_body(body, self.max_bytes)
+            task = _decode(body, self.max_bytes)
             check_supported(task, self.kinds)
             work = submission(task, envelope(task))
             check_graph([work])
@@ -121,7 +127,7 @@ class _Routes:
             [answer] = await self.admission.submit([work])
         except SubmissionError as err:
             return _error(err)
-        except UNAVAILABLE as exc:
+        except UnavailableError as exc:
             return _unavailable(exc)
         code = 200 if answer.status == "duplicate" else 202
         return JSONResponse(answer.model_dump(), status_code=code)
@@ -133,6 +139,9 @@ class _Routes:
             works = self._batch(body)
         except SubmissionError as err:
             return _error(err, getattr(err, "index", None))
+        except Exception as exc:  # the decoder is meant to be total; a 4xx, never a 500
+            logger.opt(exception=exc).error("batch not decodable")
+            return _error(unprocessable(exc))
         if (limited := self._throttle(request, len(works))) is not None:
             return limited
         try:
@@ -140,7 +149,7 @@ class _Routes:
             answers = await self.admission.submit(works)
         except SubmissionError as err:
             return _error(err)
-        except UNAVAILABLE as exc:
+        except UnavailableError as exc:
             return _unavailable(exc)
         return JSONResponse({"tasks": [a.model_dump() for a in answers]}, status_code=202)
 
@@ -153,6 +162,7 @@ class _Routes:
         works: list[Submission] = []
         for index, task in enumerate(_parse_batch(body).tasks):
             try:
+                check_json_bounds(task.payload, f"tasks[{index}].payload")
                 check_payload_size(task, self.max_bytes)
                 check_supported(task, self.kinds)
                 works.append(submission(task, envelope(task)))
@@ -169,7 +179,7 @@ class _Routes:
             return _error(SubmissionError("invalid_id", f"invalid task id {task_id!r}", 404))
         try:
             answer = await request_cancel(self.admission.store, self.admission.dispatcher, command)
-        except UNAVAILABLE as exc:
+        except UnavailableError as exc:
             return _unavailable(exc)
         if answer is CancelAnswer.UNKNOWN:
             return _error(SubmissionError("unknown_task", f"no task {task_id!r} was accepted", 404))
@@ -212,7 +222,7 @@ def create_app(
         routes.submit_batch
     )
     app.delete("/tasks/{task_id}", status_code=202)(routes.cancel)
-    app.add_exception_handler(SQLAlchemyError, _store_unavailable)
+    app.add_exception_handler(UnavailableError, _unavailable_handler)
     app.get("/healthz")(routes.healthz)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
@@ -236,12 +246,10 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
 
 def _parse_batch(body: bytes) -> SubmitBatch:
     """Parse a batch body; like :func:`parse_body` but for ``{"tasks": [...]}``."""
+    data = decode_json(body)
+    if not isinstance(data, dict):
+        raise SubmissionError("not_an_object", "body must be a JSON object", 400)
     try:
-        return SubmitBatch.model_validate_json(body)
+        return SubmitBatch.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors(include_url=False)[0]
-        if first["type"] == "json_invalid":
-            raise SubmissionError("invalid_json", f"body is not JSON: {first['msg']}", 400) from exc
-        if first["type"] == "model_type" and not first["loc"]:
-            raise SubmissionError("not_an_object", "body must be a JSON object", 400) from exc
         raise SubmissionError("invalid_task", describe(exc), 422) from exc

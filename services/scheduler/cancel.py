@@ -20,8 +20,9 @@ from enum import StrEnum
 
 from loguru import logger
 
-from leveret.amqp import Outgoing, json_message, publish_all
+from leveret.amqp import Outgoing, json_message, map_broker_errors, publish_all
 from leveret.contracts import CancelTask, TaskStatus
+from leveret.db import map_db_errors
 from leveret.scheduler.dispatch import Dispatcher
 from leveret.scheduler.store import ENDED, Ending, SubmissionStore
 from leveret.topology import RK_TASK_CANCEL
@@ -38,7 +39,15 @@ class CancelAnswer(StrEnum):
 async def request_cancel(
     store: SubmissionStore, dispatcher: Dispatcher, command: CancelTask
 ) -> CancelAnswer:
-    """Check the task, end it if it is held, and broadcast the command (confirmed)."""
+    """Check the task, end it if it is held, and broadcast the command (confirmed).
+    Raises :class:`UnavailableError` while the store or broker is in trouble."""
+    with map_db_errors(), map_broker_errors():
+        return await _request_cancel(store, dispatcher, command)
+
+
+async def _request_cancel(
+    store: SubmissionStore, dispatcher: Dispatcher, command: CancelTask
+) -> CancelAnswer:
     known = (await store.lookup([command.id])).get(command.id)
     if known is None:
         return CancelAnswer.UNKNOWN

@@ -11,7 +11,7 @@ retried with backoff: back-pressure, not loss.
 from __future__ import annotations
 
 import asyncio
-import json
+import contextlib
 import re
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -19,14 +19,15 @@ from typing import Any, TypeVar
 from aio_pika.abc import AbstractIncomingMessage
 from loguru import logger
 from pydantic import ValidationError
-from tenacity import AsyncRetrying, retry_if_exception, wait_exponential_jitter
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
 
 from leveret.amqp import (
-    BROKER_EXCEPTIONS,
     Outgoing,
     annotated_copy,
     json_message,
+    map_broker_errors,
     publish_all,
+    return_to_queue,
     send_reply,
 )
 from leveret.contracts import (
@@ -40,17 +41,20 @@ from leveret.contracts import (
     TaskResult,
     new_task_id,
 )
-from leveret.errors import LeveretError, SubmissionError
+from leveret.errors import SubmissionError, UnavailableError
 from leveret.scheduler.admission import (
     Admission,
     KindCatalog,
     check_graph,
     check_supported,
+    decode_json,
     envelope,
     parse_body,
     submission,
+    unprocessable,
 )
 from leveret.scheduler.cancel import request_cancel
+from leveret.scheduler.store import Submission
 from leveret.topology import RK_REJECTED, DeclaredTopology, result_routing_key
 
 _ID = re.compile(ID_PATTERN)
@@ -58,9 +62,6 @@ _KIND = re.compile(KIND_PATTERN)
 _POOL = re.compile(POOL_PATTERN)
 
 T = TypeVar("T")
-
-#: Errors worth retrying (the store or the broker is briefly unavailable).
-TRANSIENT: tuple[type[Exception], ...] = (LeveretError, OSError, *BROKER_EXCEPTIONS)
 
 
 class Intake:
@@ -92,7 +93,9 @@ class Intake:
         except asyncio.CancelledError:
             raise
         except Exception:  # loop boundary: never let one message stop the consumer
-            logger.exception("intake message {} left unacked", message.message_id)
+            # Back to the queue: redelivered, and dead-lettered after INTAKE_DELIVERY_LIMIT.
+            logger.exception("intake message {} returned to its queue", message.message_id)
+            await return_to_queue(message)
         finally:
             self.in_flight -= 1
             if not self.in_flight:
@@ -104,18 +107,8 @@ class Intake:
             return
         reply_to = message.reply_to
         try:
-            task = parse_body(message.body, self.max_bytes)
-            check_supported(task, self.kinds)
-            pool = message.routing_key or None
-            work = envelope(
-                task,
-                default_id=message.message_id if _valid_id(message.message_id) else None,
-                default_pool=pool if pool and pool != "#" else None,
-                correlation_id=message.correlation_id,
-                reply_to=reply_to,
-            )
-            held = submission(task, work)
-            check_graph([held])
+            held = self._admissible(message)
+            work = held.message
             answers = await _retrying(lambda: self.admission.submit([held]))
         except SubmissionError as err:
             refusal = err
@@ -137,6 +130,28 @@ class Intake:
             )
             logger.info("task {} submitted again: duplicate of the existing one", work.id)
         await message.ack()
+
+    def _admissible(self, message: AbstractIncomingMessage) -> Submission:
+        """The submission in `message`, or a :class:`SubmissionError` saying why not."""
+        try:
+            task = parse_body(message.body, self.max_bytes)
+            check_supported(task, self.kinds)
+            pool = message.routing_key or None
+            work = envelope(
+                task,
+                default_id=message.message_id if _valid_id(message.message_id) else None,
+                default_pool=pool if pool and pool != "#" else None,
+                correlation_id=message.correlation_id,
+                reply_to=message.reply_to,
+            )
+            held = submission(task, work)
+            check_graph([held])
+        except SubmissionError:
+            raise
+        except Exception as exc:  # the decoder is meant to be total; refuse, never strand
+            logger.opt(exception=exc).error("submission {} not decodable", message.message_id)
+            raise unprocessable(exc) from exc
+        return held
 
     async def _cancel(self, message: AbstractIncomingMessage) -> None:
         """A cancellation request: ``type`` = ``task.cancel``, body ``{"id": ...}``."""
@@ -201,10 +216,8 @@ def _valid_id(value: str | None) -> bool:
 def _guess_fields(message: AbstractIncomingMessage) -> dict[str, str | None]:
     """Best-effort id, kind and pool of a refused message, for its `rejected` result."""
     data: Any = None
-    try:
-        data = json.loads(message.body)
-    except (ValueError, UnicodeDecodeError):
-        data = None
+    with contextlib.suppress(SubmissionError):
+        data = decode_json(message.body)
     obj = data if isinstance(data, dict) else {}
 
     def pick(value: Any, pattern: re.Pattern[str]) -> str | None:
@@ -217,26 +230,21 @@ def _guess_fields(message: AbstractIncomingMessage) -> dict[str, str | None]:
     }
 
 
-def _transient(exc: BaseException) -> bool:
-    return isinstance(exc, TRANSIENT) and not isinstance(exc, SubmissionError)
-
-
 async def _retrying(op: Callable[[], Awaitable[T]]) -> T:
     """Run `op` until it succeeds, backing off while the store or broker is in trouble."""
     try:  # the common case, without building a retry loop per message
-        return await op()
-    except TRANSIENT as exc:
-        if isinstance(exc, SubmissionError):
-            raise  # a refusal, not trouble: retrying would not change the answer
+        with map_broker_errors():
+            return await op()
+    except UnavailableError as exc:
         logger.warning("intake retrying after {}", exc)
     async for attempt in AsyncRetrying(
-        retry=retry_if_exception(_transient),
+        retry=retry_if_exception_type(UnavailableError),
         wait=wait_exponential_jitter(multiplier=0.1, max=5.0, jitter=0.1),
         before_sleep=lambda state: logger.warning(
             "intake retrying after {}", state.outcome.exception() if state.outcome else None
         ),
         reraise=True,
     ):
-        with attempt:
+        with attempt, map_broker_errors():
             return await op()
     raise AssertionError("unreachable")  # pragma: no cover
