@@ -10,6 +10,7 @@ holds deliveries it could not commit.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import sqlite3
@@ -316,6 +317,61 @@ async def test_scheduler_answers_503_while_its_database_refuses_connections(
             assert (again.status_code, again.json()["status"]) == (202, "pending")
         assert await work_queued(channel, Topology(namespace)) == 2
         assert cluster.services[0].alive()
+    finally:
+        await asyncio.to_thread(cluster.stop_all, 15)
+        drop_namespace(amqp_url, namespace)
+
+
+async def test_amqp_submissions_during_a_database_outage_are_admitted_once_after_it(
+    amqp_url: str,
+    namespace: str,
+    tmp_path: Path,
+    channel: AbstractChannel,
+    pg: PgDatabase,
+    queues: Queues,
+) -> None:
+    """Submissions that reach the AMQP intake while the scheduler's database refuses
+    connections wait (unacked, retried with backoff), then are each admitted once."""
+    cluster = Cluster(
+        namespace=namespace,
+        amqp_url=amqp_url,
+        workdir=tmp_path / "cluster",
+        extra_env={"LEVERET_SCHEDULER_DATABASE_URL": pg.url},
+    )
+    topology = Topology(namespace)
+    ids = [f"outage-{i}" for i in range(5)]
+    try:
+        await asyncio.to_thread(cluster.start_scheduler)
+        scheduler = cluster.services[0]
+        async with httpx.AsyncClient(base_url=cluster.scheduler_url, timeout=60) as http:
+            assert (await _post(http, "first")).status_code == 202
+            await pg.refuse()
+            submit = await channel.get_exchange(topology.submit_exchange, ensure=False)
+            for task_id in ids:
+                body = json.dumps({"kind": "echo", "id": task_id, "payload": task_id}).encode()
+                await submit.publish(aio_pika.Message(body, delivery_mode=2), "default")
+
+            async def retrying() -> bool:
+                return scheduler.log().count("intake retrying") >= len(ids)
+
+            await eventually(retrying, 30, "the intake retrying while the database refuses")
+            refused = await _post(http, "second")
+            assert refused.status_code == 503, refused.text
+            assert refused.headers["Retry-After"]
+            await pg.accept()
+
+        # A passive declare undercounts a quorum queue here: ask the management API.
+        normal = topology.work("default", Band.NORMAL).name
+        everything = 1 + len(ids)
+        await queues.wait_figures(normal, everything, 0, "the held submissions queued, once each")
+        await queues.wait_figures(topology.intake.name, 0, 0, "an intake with nothing held")
+        queued = []
+        for band in Band:
+            queue = await channel.declare_queue(topology.work("default", band).name, passive=True)
+            while (message := await queue.get(no_ack=True, fail=False)) is not None:
+                queued.append(json.loads(message.body)["id"])
+        assert sorted(queued) == sorted(["first", *ids])
+        assert scheduler.alive()
     finally:
         await asyncio.to_thread(cluster.stop_all, 15)
         drop_namespace(amqp_url, namespace)
