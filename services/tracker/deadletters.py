@@ -38,14 +38,15 @@ from leveret.amqp import (
     annotated_copy,
     channel_gone,
     json_message,
+    map_broker_errors,
     open_channel,
     publish_all,
     return_to_queue,
     send_reply,
 )
 from leveret.contracts import REPLY_RESULT, TaskError, TaskMessage, TaskResult, TaskStatus
-from leveret.db import is_transient
-from leveret.errors import BrokerError
+from leveret.db import map_db_errors
+from leveret.errors import UnavailableError
 from leveret.topology import RK_REJECTED, WORK_DELIVERY_LIMIT, Topology, result_routing_key
 from leveret.tracker.state import TaskRecord
 from leveret.tracker.store import TrackerStore
@@ -277,7 +278,7 @@ class DeadLetters:
         """Run `step`, waiting out broker and database trouble while the delivery is valid."""
 
         def retryable(exc: BaseException) -> bool:
-            if isinstance(exc, BrokerError) or is_transient(exc):
+            if isinstance(exc, UnavailableError):
                 logger.warning("dead letter {} not handled yet: {}", delivery.message_id, exc)
                 return True
             return False
@@ -290,7 +291,8 @@ class DeadLetters:
             with attempt:
                 if channel_gone(delivery):
                     raise VoidDelivery
-                return await step()
+                with map_db_errors(), map_broker_errors():
+                    return await step()
         raise AssertionError("unreachable")  # pragma: no cover
 
 
