@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
+
+from leveret.cli.procs import Cluster
 
 
 async def eventually(
@@ -132,3 +137,15 @@ def drop_namespace(
             channel.exchange_delete(name)
     finally:
         connection.close()
+
+
+@contextmanager
+def own_cluster(amqp_url: str, workdir: Path) -> Iterator[Cluster]:
+    """A Cluster in a namespace of its own, for fixtures wider than one test: its
+    services are stopped and its namespace dropped at the end."""
+    cluster = Cluster(namespace=f"t{uuid.uuid4().hex[:10]}", amqp_url=amqp_url, workdir=workdir)
+    try:
+        yield cluster
+    finally:
+        cluster.stop_all()
+        drop_namespace(amqp_url, cluster.namespace)

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pika
 import pytest
-from helpers import report
+from helpers import own_cluster, report
 
 from leveret.cli.procs import Cluster, wait_for
 
@@ -236,14 +236,9 @@ def test_bad_http_input_gets_a_clear_4xx(
 @pytest.fixture(scope="module")
 def system_http(amqp_url: str, tmp_path_factory: pytest.TempPathFactory):
     """One scheduler shared by the parametrized HTTP bad-input cases (they only need it)."""
-    c = Cluster(
-        namespace=f"t{uuid.uuid4().hex[:10]}",
-        amqp_url=amqp_url,
-        workdir=tmp_path_factory.mktemp("http-bad-input"),
-    )
-    c.start_scheduler()
-    yield c
-    c.stop_all()
+    with own_cluster(amqp_url, tmp_path_factory.mktemp("http-bad-input")) as c:
+        c.start_scheduler()
+        yield c
 
 
 def test_bad_batch_names_the_bad_item(system: Cluster) -> None:

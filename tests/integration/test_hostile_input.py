@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import quote
 
 import httpx
 import pytest
-from helpers import drop_namespace, eventually, report
+from helpers import eventually, own_cluster, report
 from test_backbone import PikaProducer
 
 from leveret.cli.procs import Cluster
@@ -60,15 +59,9 @@ HOSTILE: list[tuple[str, bytes, str]] = [
 @pytest.fixture(scope="module")
 def system_http(amqp_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """One scheduler shared by the HTTP cases (they only need it)."""
-    c = Cluster(
-        namespace=f"t{uuid.uuid4().hex[:10]}",
-        amqp_url=amqp_url,
-        workdir=tmp_path_factory.mktemp("http-hostile"),
-    )
-    c.start_scheduler()
-    yield c
-    c.stop_all()
-    drop_namespace(amqp_url, c.namespace)
+    with own_cluster(amqp_url, tmp_path_factory.mktemp("http-hostile")) as c:
+        c.start_scheduler()
+        yield c
 
 
 async def queue_figures(amqp_url: str, queue: str) -> dict[str, Any]:

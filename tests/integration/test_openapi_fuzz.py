@@ -4,12 +4,11 @@ processes on a real broker: whatever the generated request, no answer is a 5xx."
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Iterator
 
 import pytest
 import schemathesis
-from helpers import report
+from helpers import own_cluster, report
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import Case, GenerationMode
@@ -28,17 +27,12 @@ FUZZ = settings(
 @pytest.fixture(scope="module")
 def services(amqp_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """A scheduler and a tracker shared by every fuzzed request."""
-    c = Cluster(
-        namespace=f"t{uuid.uuid4().hex[:10]}",
-        amqp_url=amqp_url,
-        workdir=tmp_path_factory.mktemp("openapi-fuzz"),
-    )
-    c.start_tracker()
-    c.start_scheduler()
-    yield c
-    for service in c.services:
-        assert service.alive(), f"{service.name} died under fuzzing:\n{service.log()[-3000:]}"
-    c.stop_all()
+    with own_cluster(amqp_url, tmp_path_factory.mktemp("openapi-fuzz")) as c:
+        c.start_tracker()
+        c.start_scheduler()
+        yield c
+        for service in c.services:
+            assert service.alive(), f"{service.name} died under fuzzing:\n{service.log()[-3000:]}"
 
 
 def no_server_error(case: Case) -> None:
