@@ -69,6 +69,8 @@ MAX_EDGES_PER_REQUEST = 10_000
 MAX_DELAY_S = 366 * 24 * 3600
 #: Longest `timeout_s`: 7 days.
 MAX_TIMEOUT_S = 7 * 24 * 3600
+#: A `reply_to` address is an AMQP short string.
+MAX_REPLY_TO = 255
 #: The earliest `run_at` accepted (an earlier one is surely a mistake, not "run now").
 MIN_RUN_AT = datetime(2000, 1, 1, tzinfo=UTC)
 
@@ -227,6 +229,14 @@ class TaskMessage(_Model):
     attempt_offset: int = Field(
         default=0, ge=0, description="Attempts made before this message (retries republish it)."
     )
+    returned: int = Field(
+        default=0,
+        ge=0,
+        description=(
+            "How many of those attempts a worker handed back on a graceful stop: they do "
+            "not spend the task's retries (see `task.returned`)."
+        ),
+    )
 
 
 class TaskResult(_Model):
@@ -266,6 +276,11 @@ class AcceptedTask(_Model):
     run_at: datetime | None = None
     depends_on: list[TaskId] = []
     requires: list[Tag] = []
+    reply_to: str | None = Field(
+        default=None,
+        max_length=MAX_REPLY_TO,
+        description="The producer's reply address: the tracker sends it the one terminal reply.",
+    )
 
 
 class TasksAccepted(_Model):
@@ -322,6 +337,21 @@ class TaskRetrying(_Model):
     started_at: datetime
     retry_in_s: float
     retry_at: datetime
+    at: datetime = Field(default_factory=utcnow)
+
+
+class TaskReturned(_Model):
+    """Event: a worker handed an attempt back to its queue without an outcome, on a
+    graceful stop (the grace period ran out) or while it waited for a slot. The task
+    is `pending` again; the attempt's outcome is `returned`, and it spends no retry."""
+
+    type: Literal["task.returned"] = "task.returned"
+    v: Literal[1] = 1
+    id: TaskId
+    attempt: int
+    worker: str
+    reason: str = Field(max_length=500)
+    started_at: datetime | None = None
     at: datetime = Field(default_factory=utcnow)
 
 
@@ -426,6 +456,7 @@ Event = Annotated[
     | TasksEnded
     | TasksStarted
     | TaskRetrying
+    | TaskReturned
     | TaskProgress
     | CancelTask
     | WorkerStarted
@@ -455,6 +486,7 @@ PUBLISHED_MODELS: dict[str, type[BaseModel]] = {
     "tasks-ended": TasksEnded,
     "tasks-started": TasksStarted,
     "task-retrying": TaskRetrying,
+    "task-returned": TaskReturned,
     "task-progress": TaskProgress,
     "cancel-task": CancelTask,
     "worker-started": WorkerStarted,
