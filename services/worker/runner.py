@@ -136,6 +136,12 @@ class Worker:
         """The current registration id (also the AMQP connection name)."""
         return self.info.id
 
+    def attempt_of(self, job: asyncio.Task[Any] | None) -> str | None:
+        """The id of the task whose attempt `job` is (an asyncio task), else None."""
+        if job is None:
+            return None
+        return next((task_id for task_id, j in self._attempts.items() if j is job), None)
+
     # --- life cycle ------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event, *, ready: asyncio.Event | None = None) -> None:
@@ -417,7 +423,7 @@ class Worker:
         reason = self._cancelled.get(task.id)
         if reason is not None:
             return Outcome(TaskStatus.CANCELLED, None, TaskError(type="cancelled", message=reason))
-        job = asyncio.ensure_future(self._attempt(task, attempt))
+        job = asyncio.create_task(self._attempt(task, attempt), name=f"attempt:{task.id}")
         self._attempts[task.id] = job
         try:
             return await job
