@@ -9,9 +9,19 @@ another worker runs it again (at-least-once); the tracker records one result.
 Sessions: the worker works in *sessions*, one AMQP connection each, named after
 its registration id. When a session's connection is lost its deliveries are
 void (the broker requeued them), so in-flight attempts are cancelled and a new
-session starts. If the tracker closed the connection because the worker stopped
-heartbeating (reason ``leveret-fenced``), the worker also takes a new
-registration id, ``<id>~<n>``: the tracker has written its old attempts off.
+session starts, under a new registration id ``<id>~<n>``: the tracker may have
+fenced the old one (closed its connection because it stopped heartbeating, and
+written its attempts off) even when the close frame saying so never arrived (a
+partition, or a connection reset that discards it). Only a loss the worker can
+prove was not a fence keeps the id: a close frame from the broker
+(``CONNECTION_FORCED``, e.g. a broker restart) without the ``leveret-fenced`` marker.
+
+Graceful hand-back: on a graceful stop, a delivery that waits for a slot, or whose
+attempt outlives the grace period, is given back by publishing a copy (confirmed)
+straight to the queue it came from and acking the original, not by a requeue: a
+quorum queue counts a requeue as a delivery, so four rolling restarts during one
+long task would otherwise dead-letter it as poison. A returned attempt is
+announced as ``task.returned`` and spends no retry (``TaskMessage.returned``).
 """
 
 from __future__ import annotations
@@ -22,7 +32,7 @@ import functools
 import os
 import random
 import socket
-from datetime import timedelta
+from datetime import datetime, timedelta
 from enum import Enum
 from typing import Any
 
@@ -53,6 +63,7 @@ from leveret.contracts import (
     TaskMessage,
     TaskResult,
     TaskRetrying,
+    TaskReturned,
     TaskStatus,
     WorkerHeartbeat,
     WorkerInfo,
@@ -67,6 +78,7 @@ from leveret.settings import WorkerSettings
 from leveret.topology import (
     RK_SCHEDULER_STARTED,
     RK_TASK_RETRYING,
+    RK_TASK_RETURNED,
     RK_WORKER_HEARTBEAT,
     RK_WORKER_STARTED,
     RK_WORKER_STOPPED,
@@ -90,7 +102,17 @@ class SessionEnd(Enum):
 
     STOPPED = "stopped"  # graceful stop requested
     LOST = "lost"  # the connection dropped (broker restart, network)
-    FENCED = "fenced"  # the tracker declared this registration dead
+    FENCED = "fenced"  # the tracker declared this registration dead, or may have
+
+
+def provably_not_fenced(reasons: list[str]) -> bool:
+    """True when every reason the connection gave for closing is a close frame from the
+    broker (``CONNECTION_FORCED``, e.g. a broker restart) that is not a fence: only then
+    may the worker keep its registration id. A reset, a missed AMQP heartbeat or a
+    failed write proves nothing: the tracker may have fenced the id meanwhile."""
+    return bool(reasons) and all(
+        "CONNECTION_FORCED" in r and FENCED_MARKER not in r for r in reasons
+    )
 
 
 class Worker:
@@ -128,6 +150,7 @@ class Worker:
         self._cancelled: dict[str, str] = {}  # task id -> reason, from the cancellations stream
         self._holding: set[asyncio.Task[Any]] = set()  # deliveries waiting or running
         self._draining = False  # set when a graceful stop begins: take no new queues
+        self._handing_back = False  # a graceful stop gives deliveries back (not a lost session)
         self._declared: DeclaredTopology | None = None
         self._rng = random.Random()
 
@@ -168,7 +191,8 @@ class Worker:
                     self.generation += 1
                     new_id = f"{self.base_id}~{self.generation}"
                     logger.warning(
-                        "worker {} was declared dead by the tracker; re-registering as {}",
+                        "worker {} may have been declared dead by the tracker; "
+                        "re-registering as {}",
                         self.id,
                         new_id,
                     )
@@ -211,7 +235,7 @@ class Worker:
             async with asyncio.TaskGroup() as group:
                 beats = group.create_task(self._heartbeats(), name="heartbeats")
                 flusher = group.create_task(self._reports.run(lambda: self.id), name="reports")
-                self._draining = False
+                self._draining = self._handing_back = False
                 consumers = await self._consume(connection)
                 await self._follow_requirements(connection, consumers)
                 logger.info(
@@ -251,7 +275,8 @@ class Worker:
             # behind a full window of low work.
             channel = await open_channel(connection, prefetch=s.concurrency)
             band_queue = await channel.get_queue(queue.name)
-            tag = await band_queue.consume(functools.partial(self.on_message, band, None))
+            on_band = functools.partial(self.on_message, queue.name, band, None)
+            tag = await band_queue.consume(on_band)
             consumers.append((band_queue, tag))
         for kind, limit in self.info.limits.items():
             queue = await self._declared.declare_limited(s.pool, kind)
@@ -259,7 +284,9 @@ class Worker:
             # the cluster-wide cap on attempts of the kind running at once.
             channel = await open_channel(connection, prefetch=limit.max_running or s.concurrency)
             limited = await channel.get_queue(queue.name)
-            on_message = functools.partial(self.on_message, Band.NORMAL, self._pacers.get(kind))
+            on_message = functools.partial(
+                self.on_message, queue.name, Band.NORMAL, self._pacers.get(kind)
+            )
             consumers.append((limited, await limited.consume(on_message)))
         return consumers
 
@@ -292,7 +319,8 @@ class Worker:
                     assert self._declared is not None
                     declared = await self._declared.declare_requirement(s.pool, record.requires)
                     queue = await work.get_queue(declared.name)
-                    tag = await queue.consume(functools.partial(self.on_message, None, None))
+                    on_set = functools.partial(self.on_message, queue.name, None, None)
+                    tag = await queue.consume(on_set)
                     consumers.append((queue, tag))
                     tags = ",".join(record.requires)
                     logger.info("worker {} consumes {} (requires {})", self.id, queue.name, tags)
@@ -301,23 +329,24 @@ class Worker:
         await stream.consume(on_record, arguments={"x-stream-offset": "first"})
 
     def _abandon(self, reasons: list[str]) -> SessionEnd:
-        """The connection is gone: its deliveries were requeued, so stop their attempts."""
+        """The connection is gone: its deliveries were requeued, so stop their attempts.
+        Unless the loss provably was not a fence, the next session takes a new id."""
         reason = "; ".join(reasons) or "connection lost"
-        fenced = FENCED_MARKER in reason
         logger.warning(
             "worker {} lost its connection ({}); abandoning {} in-flight tasks",
             self.id,
             reason,
             len(self._in_flight),
         )
+        self._handing_back = False  # the broker has them back already
         for task in self._holding:
             task.cancel()
-        return SessionEnd.FENCED if fenced else SessionEnd.LOST
+        return SessionEnd.LOST if provably_not_fenced(reasons) else SessionEnd.FENCED
 
     async def _drain(self, consumers: list[tuple[Any, str]]) -> None:
         """Stop taking work; let running tasks finish within the grace period and give
         back at once what waits for a slot."""
-        self._draining = True
+        self._draining = self._handing_back = True
         for queue, tag in consumers:
             await queue.cancel(tag)
         running = set(self._in_flight.values())
@@ -331,7 +360,7 @@ class Worker:
         if pending:
             _, late = await asyncio.wait(pending, timeout=self.settings.grace_period_s)
             for t in late:
-                t.cancel()  # on_message returns the delivery to the queue
+                t.cancel()  # on_message hands the delivery back to its queue
             if late:
                 await asyncio.wait(late)
                 logger.warning("returned {} unfinished tasks to the queue", len(late))
@@ -365,11 +394,16 @@ class Worker:
     # --- one delivery ----------------------------------------------------------------------
 
     async def on_message(
-        self, band: Band | None, pacer: StartPacer | None, message: AbstractIncomingMessage
+        self,
+        queue: str,
+        band: Band | None,
+        pacer: StartPacer | None,
+        message: AbstractIncomingMessage,
     ) -> None:
         """Wait for a slot (by band weight; and for the kind's start rate if limited),
         run one attempt, and settle the delivery once its outcome is confirmed. A
-        delivery from a queue without a band (a requirement set's) takes its task's."""
+        delivery from a queue without a band (a requirement set's) takes its task's.
+        `queue` is the queue it came from (where a graceful stop hands it back)."""
         try:
             task = TaskMessage.model_validate_json(message.body)
         except ValidationError as exc:
@@ -387,16 +421,16 @@ class Worker:
                     await pacer.wait()
                 await self._gate.enter(band)
             except asyncio.CancelledError:
-                await return_to_queue(message)
+                await self._give_back(task, message, queue, None)
                 raise
             try:
-                await self._run(task, message)
+                await self._run(task, message, queue)
             finally:
                 self._gate.leave()
         finally:
             self._holding.discard(current)
 
-    async def _run(self, task: TaskMessage, message: AbstractIncomingMessage) -> None:
+    async def _run(self, task: TaskMessage, message: AbstractIncomingMessage, queue: str) -> None:
         attempt = task.attempt_offset + delivery_count(message) + 1
         current = asyncio.current_task()
         assert current is not None
@@ -408,7 +442,7 @@ class Worker:
                 outcome = await self._attempt_unless_cancelled(task, attempt)
                 await self._settle(task, attempt, started_at, outcome, message)
         except asyncio.CancelledError:
-            await return_to_queue(message)
+            await self._give_back(task, message, queue, (attempt, started_at))
             raise
         except UNCONFIRMED as exc:
             logger.warning("outcome of task {} not confirmed ({}); returning it", task.id, exc)
@@ -416,6 +450,62 @@ class Worker:
         finally:
             self._in_flight.pop(task.id, None)
             self._reports.finished(task.id)
+
+    async def _give_back(
+        self,
+        task: TaskMessage,
+        message: AbstractIncomingMessage,
+        queue: str,
+        ran: tuple[int, datetime] | None,
+    ) -> None:
+        """Return a delivery whose attempt was stopped (or never began, `ran` None).
+
+        On a graceful stop a copy goes (confirmed) straight to `queue` and the original
+        is acked, so the quorum queue's delivery count, the poison budget, is not spent;
+        an attempt that began is announced `task.returned`. After a lost connection the
+        broker has requeued it already; otherwise (or if the copy is not confirmed) it is
+        requeued the plain way."""
+        if not self._handing_back or self._declared is None:
+            await return_to_queue(message)
+            return
+        earlier = task.attempt_offset + delivery_count(message)
+        items: list[Outgoing] = []
+        if ran is None:
+            again = task.model_copy(update={"attempt_offset": earlier})
+        else:
+            attempt, started_at = ran
+            again = task.model_copy(
+                update={"attempt_offset": attempt, "returned": task.returned + 1}
+            )
+            grace = self.settings.grace_period_s
+            event = TaskReturned(
+                id=task.id,
+                attempt=attempt,
+                worker=self.id,
+                reason=f"returned by a graceful stop of {self.id} (grace period {grace:g} s)",
+                started_at=started_at,
+            )
+            topo = self.settings.topology
+            items.append(
+                Outgoing(
+                    self._declared.exchange(topo.events_exchange),
+                    RK_TASK_RETURNED,
+                    json_message(event),
+                )
+            )
+        copy = json_message(again, message_id=task.id, correlation_id=task.correlation_id)
+        items.insert(0, Outgoing(self._declared.channel.default_exchange, queue, copy))
+        try:
+            await publish_all(items)
+        except UNCONFIRMED as exc:
+            logger.warning("task {} not handed back ({}); requeued instead", task.id, exc)
+            await return_to_queue(message)
+            return
+        try:
+            await message.ack()
+        except BROKER_EXCEPTIONS as exc:  # the copy is queued: at worst the task runs twice
+            logger.warning("task {} handed back, but its ack was not sent: {}", task.id, exc)
+        logger.info("task {} handed back to {}", task.id, queue)
 
     async def _attempt_unless_cancelled(self, task: TaskMessage, attempt: int) -> Outcome:
         """Run the attempt as its own task, so a `task.cancel` can stop just the attempt
