@@ -155,7 +155,9 @@ def bench(
     out: Annotated[Path, typer.Option(help="Markdown file the figures are appended to")] = Path(
         "docs/benchmarks.md"
     ),
-    paths: Annotated[str, typer.Option(help="Comma-separated: raw,amqp,http")] = "raw,amqp,http",
+    paths: Annotated[
+        str, typer.Option(help="Comma-separated: raw,amqp,http,reply,single")
+    ] = "raw,amqp,http,reply,single",
 ) -> None:
     """Measure raw aio-pika against leveret end to end; append the figures to docs."""
     from leveret.cli.bench import run_bench

@@ -6,6 +6,9 @@
 (b) leveret end to end, tasks accepted -> result recorded by the tracker, through
     the AMQP intake (client.submit_many) and through HTTP batches, with 2 worker
     processes, all on the same broker.
+(c) what a producer that waits sees: the same flood through the AMQP intake with
+    `reply_to` (latency = publish -> the one terminal reply, which the tracker sends
+    once it recorded the outcome), and one task at a time (`Client.run`, light load).
 
 Prints tasks/s, the ratio (b)/(a), latency percentiles, CPU seconds per 1000
 tasks and peak RSS per process, and appends them to docs/benchmarks.md.
@@ -44,7 +47,9 @@ from leveret.settings import CommonSettings
 from leveret.topology import Topology, delete_namespace
 
 WINDOW = 500
-PATHS = ("raw", "amqp", "http")
+PATHS = ("raw", "amqp", "http", "reply", "single")
+#: Tasks the one-at-a-time path runs (a light-load latency, not a throughput).
+SINGLE_TASKS = 200
 
 
 @dataclass
@@ -238,6 +243,36 @@ async def _submit_amqp(url: str, namespace: str, n: int) -> None:
             await client.submit_many(tasks)
 
 
+async def _submit_waiting(url: str, namespace: str, n: int) -> list[float]:
+    """The flood, each task with `reply_to`: publish -> terminal reply, per task."""
+    async with Client(url, namespace=namespace) as client:
+        sent: dict[str, float] = {}
+        waits = []
+        for base in range(0, n, WINDOW):
+            tasks = [SubmitTask(kind="echo", payload=i) for i in range(base, min(n, base + WINDOW))]
+            t0 = time.perf_counter()
+            for task_id in await client.submit_many(tasks, wait=True):
+                sent[task_id] = t0
+                waits.append(task_id)
+
+        async def one(task_id: str) -> float:
+            await client.result(task_id, timeout_s=900)
+            return time.perf_counter() - sent[task_id]
+
+        return list(await asyncio.gather(*(one(t) for t in waits)))
+
+
+async def _one_at_a_time(url: str, namespace: str, n: int) -> list[float]:
+    """`Client.run` n times in a row: the round trip a lone producer waits for."""
+    async with Client(url, namespace=namespace) as client:
+        out = []
+        for i in range(n):
+            t0 = time.perf_counter()
+            await client.run("echo", i, timeout_s=60)
+            out.append(time.perf_counter() - t0)
+        return out
+
+
 async def _submit_http(base_url: str, n: int) -> None:
     async with httpx.AsyncClient(base_url=base_url, timeout=120) as http:
         sem = asyncio.Semaphore(4)
@@ -255,8 +290,14 @@ async def _submit_http(base_url: str, n: int) -> None:
 
 
 def _leveret(
-    name: str, url: str, n: int, workers: int, concurrency: int, submit: Callable[[Cluster], None]
+    name: str,
+    url: str,
+    n: int,
+    workers: int,
+    concurrency: int,
+    submit: Callable[[Cluster], list[float] | None],
 ) -> Run:
+    """One leveret path; latencies are the ones `submit` measured, else read back."""
     namespace = f"bench-{uuid.uuid4().hex[:6]}"
     workdir = Path(tempfile.mkdtemp(prefix="leveret-bench-"))
     cluster = Cluster(namespace=namespace, amqp_url=url, workdir=workdir)
@@ -272,10 +313,10 @@ def _leveret(
         sampler = Sampler(pids)
         with sampler.running():
             start = time.perf_counter()
-            submit(cluster)
+            measured = submit(cluster)
             wait_for(lambda: _completed(cluster) >= n, 900, f"{n} results", interval_s=0.1)
             seconds = time.perf_counter() - start
-        latencies = _latencies(cluster, n)
+        latencies = measured if measured is not None else _latencies(cluster, n)
         return Run(name, n, seconds, latencies, sampler.cpu(), sampler.peak)
     finally:
         cluster.stop_all()
@@ -349,19 +390,31 @@ def run_bench(
     if "raw" in paths:
         raw, _ = asyncio.run(_raw(url, tasks, workers, concurrency))
         runs.append(raw)
-    submitters: dict[str, tuple[str, Callable[[Cluster], None]]] = {
+    submitters: dict[str, tuple[str, int, Callable[[Cluster], list[float] | None]]] = {
         "amqp": (
             "leveret via AMQP intake",
+            tasks,
             lambda c: asyncio.run(_submit_amqp(url, c.namespace, tasks)),
         ),
         "http": (
             "leveret via HTTP batches",
+            tasks,
             lambda c: asyncio.run(_submit_http(c.scheduler_url, tasks)),
         ),
+        "reply": (
+            "leveret via AMQP, producer waits for replies",
+            tasks,
+            lambda c: asyncio.run(_submit_waiting(url, c.namespace, tasks)),
+        ),
+        "single": (
+            "leveret one task at a time (Client.run)",
+            SINGLE_TASKS,
+            lambda c: asyncio.run(_one_at_a_time(url, c.namespace, SINGLE_TASKS)),
+        ),
     }
-    for key, (name, submit) in submitters.items():
+    for key, (name, n, submit) in submitters.items():
         if key in paths:
-            runs.append(_leveret(name, url, tasks, workers, concurrency, submit))
+            runs.append(_leveret(name, url, n, workers, concurrency, submit))
     for run in runs:
         console.print(f"{run.name}: {run.rate:.0f} tasks/s")
     baseline = runs[0]
