@@ -5,6 +5,11 @@ Admission, the delayed-task releaser and the dependency resolver all publish
 through one :class:`Dispatcher`, so a task released later goes out exactly as one
 admitted at once: its work message plus a `tasks.accepted` event (`pending`).
 Every publish waits for its broker confirm, in batches.
+
+The scheduler never sends a task's terminal reply: `tasks.accepted` hands the
+producer's `reply_to` to the tracker, which answers it once, for the outcome it
+records (see :mod:`leveret.tracker.replies`). Only refusals and `duplicate`
+answers are replied at intake.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from typing import Literal
 
 from loguru import logger
 
-from leveret.amqp import Outgoing, json_message, publish_all, send_reply
+from leveret.amqp import Outgoing, json_message, publish_all
 from leveret.contracts import (
     AcceptedTask,
     RequirementsDeclared,
@@ -102,13 +107,12 @@ class Dispatcher:
 
     async def end(self, endings: Sequence[tuple[Submission, Ending]]) -> None:
         """Publish the result of each task that ends without running, on the results
-        exchange and to its producer's `reply_to`."""
+        exchange: the tracker records it and sends the producer's one reply."""
         if not endings:
             return
         topo = self.declared.topology
         results = self.declared.exchange(topo.results_exchange)
         items: list[Outgoing] = []
-        replies = []
         now = utcnow()
         for s, e in endings:
             t = s.message
@@ -124,12 +128,7 @@ class Dispatcher:
             corr = t.correlation_id or t.id
             key = result_routing_key(e.status.value, t.pool, t.kind)
             items.append(Outgoing(results, key, json_message(result, correlation_id=corr)))
-            if t.reply_to:
-                reply = json_message(result, persistent=False, correlation_id=corr)
-                replies.append((t.reply_to, reply))
         await publish_all(items)
-        for reply_to, reply in replies:
-            await send_reply(self.declared.channel, reply_to, reply)
         for s, e in endings:
             logger.bind(task_id=s.id).info("task {} {}: {}", s.id, e.status.value, e.message)
 
@@ -146,4 +145,5 @@ def _accepted(s: Submission, status: Announced) -> AcceptedTask:
         run_at=s.run_at,
         depends_on=list(s.depends_on),
         requires=list(t.requires),
+        reply_to=t.reply_to,
     )

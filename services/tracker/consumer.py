@@ -3,7 +3,10 @@
 Ack timing: a batch is acked (one ``ack(multiple=True)`` per channel) only after
 the store committed it and, when it held results, after the broker confirmed the
 `tasks.ended` event that tells the scheduler those outcomes (unconfirmed: the
-batch goes back to the queue, is applied again as a no-op, and told). A message
+batch goes back to the queue, is applied again as a no-op, and told), and after
+the replies the batch left owed to producers were sent, confirmed and marked sent
+(at the same time as the event; an unconfirmed reply stays owed for the sweep, see
+:mod:`leveret.tracker.replies`). A batch that owes no reply costs nothing more. A message
 that cannot be decoded is rejected without requeue, so the queue dead-letters it
 to the `rejected` queue; it is never acked and forgotten. When the database is
 unavailable the same batch is retried with backoff and stays unacked
@@ -49,7 +52,8 @@ from leveret.batching import fill_batch
 from leveret.contracts import EndedTask, TaskResult, TasksEnded, decode_event, utcnow
 from leveret.db import is_transient
 from leveret.topology import RK_TASKS_ENDED, Topology
-from leveret.tracker.state import TrackerMessage
+from leveret.tracker.replies import ReplySender
+from leveret.tracker.state import TaskRecord, TrackerMessage
 from leveret.tracker.store import Applied, TrackerStore
 
 #: Outcomes per `tasks.ended` event (a batch may hold more).
@@ -93,8 +97,11 @@ class Consumer:
         prefetch: int,
         batch_max: int,
         batch_wait_ms: float,
+        replies: ReplySender | None = None,
     ) -> None:
+        """`replies` sends the replies a batch leaves owed (None: the sweep sends them)."""
         self.store = store
+        self.replies = replies
         self.topology = topology
         self.prefetch = prefetch
         self.batch_max = batch_max
@@ -210,13 +217,20 @@ class Consumer:
             return
         try:
             applied = await self._apply([m for _, m in decoded])
-            done, ended = [d for d, _ in decoded], list(applied.ended)
+            done, ended, owed = [d for d, _ in decoded], list(applied.ended), applied.replies
         except Exception:  # the store refuses the batch: find the message(s) it refuses
             logger.exception(
                 "tracker store refused a batch of {}; applying one by one", len(decoded)
             )
-            done, ended = await self._apply_one_by_one(decoded)
-        if ended and not await self._tell_scheduler(ended):
+            done, ended, owed = await self._apply_one_by_one(decoded)
+        told = True
+        if ended and owed:
+            told, _ = await asyncio.gather(self._tell_scheduler(ended), self._reply(owed))
+        elif ended:
+            told = await self._tell_scheduler(ended)
+        elif owed:
+            await self._reply(owed)
+        if not told:
             for delivery in done:  # applied again on redelivery (a no-op), then told
                 await return_to_queue(delivery)
             return
@@ -237,9 +251,10 @@ class Consumer:
 
     async def _apply_one_by_one(
         self, decoded: list[tuple[AbstractIncomingMessage, TrackerMessage]]
-    ) -> tuple[list[AbstractIncomingMessage], list[EndedTask]]:
+    ) -> tuple[list[AbstractIncomingMessage], list[EndedTask], tuple[TaskRecord, ...]]:
         done: list[AbstractIncomingMessage] = []
         ended: list[EndedTask] = []
+        owed: tuple[TaskRecord, ...] = ()
         for delivery, message in decoded:
             try:
                 applied = await self._apply([message])
@@ -249,7 +264,17 @@ class Consumer:
             else:
                 done.append(delivery)
                 ended += applied.ended
-        return done, ended
+                owed += applied.replies
+        return done, ended, owed
+
+    async def _reply(self, owed: tuple[TaskRecord, ...]) -> None:
+        """Send the replies the batch left owed (a failure leaves them to the sweep)."""
+        if self.replies is None:
+            return
+        try:
+            await self.replies.send(owed)
+        except Exception:  # the batch is committed: the sweep sends what is still owed
+            logger.exception("sending {} replies failed; the sweep retries them", len(owed))
 
     async def _tell_scheduler(self, ended: list[EndedTask]) -> bool:
         """Publish the committed outcomes as `tasks.ended` (confirmed) before the batch is

@@ -4,9 +4,12 @@ A work message lands here when the quorum queue's delivery limit dead-lettered
 it (its handler crashed the worker process on every delivery) or when a worker
 rejected it. For each one the tracker records the task `failed` (type `poison`,
 or `invalid_message` for a rejection) through the same store path as every
-result, so the first terminal outcome still wins; then, if that failure is the
-task's outcome, publishes it on the results exchange and to the producer's
-`reply_to`; only then acks the dead letter.
+result, so the first terminal outcome still wins. A dead letter that names the
+producer's `reply_to` hands it to the task's record too (in the same
+transaction), so the reply the task owes is marked and sent like every other one
+(see :mod:`leveret.tracker.replies`: one reply per task, for its recorded
+outcome). Then, if that failure is the task's outcome, it is published on the
+results exchange; only then is the dead letter acked.
 
 A dead letter that is not a task (undecodable) is recorded failed under its
 `message_id` when it has one, and always re-published, bytes untouched, to the
@@ -42,13 +45,21 @@ from leveret.amqp import (
     open_channel,
     publish_all,
     return_to_queue,
-    send_reply,
 )
-from leveret.contracts import REPLY_RESULT, TaskError, TaskMessage, TaskResult, TaskStatus
+from leveret.contracts import (
+    MAX_REPLY_TO,
+    AcceptedTask,
+    TaskError,
+    TaskMessage,
+    TaskResult,
+    TasksAccepted,
+    TaskStatus,
+)
 from leveret.db import map_db_errors
 from leveret.errors import UnavailableError
 from leveret.topology import RK_REJECTED, WORK_DELIVERY_LIMIT, Topology, result_routing_key
-from leveret.tracker.state import TaskRecord
+from leveret.tracker.replies import ReplySender
+from leveret.tracker.state import TaskRecord, TrackerMessage
 from leveret.tracker.store import TrackerStore
 
 T = TypeVar("T")
@@ -110,9 +121,13 @@ def dead_letter_error(
 class DeadLetters:
     """Consumes the dead-letter queue one message at a time (see the module docstring)."""
 
-    def __init__(self, store: TrackerStore, topology: Topology) -> None:
+    def __init__(
+        self, store: TrackerStore, topology: Topology, replies: ReplySender | None = None
+    ) -> None:
+        """`replies` sends the reply a recorded failure leaves owed (None: the sweep does)."""
         self.store = store
         self.topology = topology
+        self.replies = replies
         self.handled = 0
         self._buffer: asyncio.Queue[AbstractIncomingMessage | None] = asyncio.Queue()
         self._channel: AbstractChannel | None = None
@@ -210,18 +225,10 @@ class DeadLetters:
             attempt=attempt,
             submitted_at=task.submitted_at,
         )
-        record = await self._record(result)
+        record = await self._record(result, _with_reply_to(task))
         if record is None:
             return
-        published = _as_recorded(result, record)
-        corr = task.correlation_id or task.id
-        await self._publish_result(published, corr)
-        if task.reply_to:
-            assert self._channel is not None
-            reply = json_message(
-                published, persistent=False, correlation_id=corr, type_=REPLY_RESULT
-            )
-            await send_reply(self._channel, task.reply_to, reply)
+        await self._publish_result(_as_recorded(result, record), task.correlation_id or task.id)
 
     async def _undecodable(self, delivery: AbstractIncomingMessage, exc: ValidationError) -> None:
         first = exc.errors()[0]
@@ -236,9 +243,16 @@ class DeadLetters:
                 await self._publish_result(_as_recorded(result, record), task_id)
         await self._park(delivery, why, INVALID_MESSAGE)
 
-    async def _record(self, result: TaskResult) -> TaskRecord | None:
-        """Apply the failure; the record if it is now the task's outcome, else None."""
-        await self.store.apply([result])
+    async def _record(
+        self, result: TaskResult, accepted: TasksAccepted | None = None
+    ) -> TaskRecord | None:
+        """Apply the failure (after `accepted`, which hands over the producer's `reply_to`)
+        and send the reply that leaves owed; the record if the failure is now the task's
+        outcome, else None."""
+        messages: list[TrackerMessage] = [result] if accepted is None else [accepted, result]
+        applied = await self.store.apply(messages)
+        if applied.replies and self.replies is not None:
+            await self.replies.send(applied.replies)
         record = await self.store.get_task(result.id)
         error = result.error
         assert error is not None
@@ -294,6 +308,24 @@ class DeadLetters:
                 with map_db_errors(), map_broker_errors():
                     return await step()
         raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _with_reply_to(task: TaskMessage) -> TasksAccepted | None:
+    """The task as the scheduler announced it, when the dead letter names a `reply_to`:
+    applied before the failure, it fills in what the tracker may not know yet (the
+    reply address above all; an accepted event that arrives later changes nothing)."""
+    if not task.reply_to or len(task.reply_to) > MAX_REPLY_TO:
+        return None
+    item = AcceptedTask(
+        id=task.id,
+        kind=task.kind,
+        pool=task.pool,
+        submitted_at=task.submitted_at,
+        correlation_id=task.correlation_id,
+        requires=task.requires,
+        reply_to=task.reply_to,
+    )
+    return TasksAccepted(tasks=[item])
 
 
 def _as_recorded(result: TaskResult, record: TaskRecord) -> TaskResult:

@@ -3,7 +3,9 @@
 The store loads the records a batch (or a watchdog verdict) touches into a
 :class:`Ledger`, applies messages in order with the pure functions of
 :mod:`leveret.tracker.state` and :mod:`leveret.tracker.workers`, then writes
-only what changed and logs the notes.
+only what changed and logs the notes. A task that a step leaves owing its
+producer a reply is marked so in the same step (:func:`leveret.tracker.state.owe_reply`),
+so the mark commits with the outcome.
 """
 
 from __future__ import annotations
@@ -18,14 +20,18 @@ from leveret.contracts import (
     TaskProgress,
     TaskResult,
     TaskRetrying,
+    TaskReturned,
     TasksAccepted,
     TasksStarted,
     TaskStatus,
     WorkerHeartbeat,
     WorkerStarted,
     WorkerStopped,
+    utcnow,
 )
 from leveret.tracker.state import (
+    AttemptOutcome,
+    ReplyState,
     TaskRecord,
     TrackerMessage,
     WorkerCounters,
@@ -33,10 +39,12 @@ from leveret.tracker.state import (
     apply_progress,
     apply_result,
     apply_retrying,
+    apply_returned,
     apply_started,
     counted,
     fence_task,
     is_fenced,
+    owe_reply,
 )
 from leveret.tracker.workers import (
     Death,
@@ -51,7 +59,7 @@ from leveret.tracker.workers import (
 
 def message_ids(message: TrackerMessage) -> tuple[list[str], list[str]]:
     """The task ids and worker ids one message touches."""
-    if isinstance(message, TaskResult | TaskRetrying | TaskProgress):
+    if isinstance(message, TaskResult | TaskRetrying | TaskReturned | TaskProgress):
         return [message.id], []
     if isinstance(message, TasksAccepted | TasksStarted):
         return [t.id for t in message.tasks], []
@@ -86,7 +94,7 @@ class TaskChange:
 class FencedReport:
     """A worker's message about an attempt that was written off as lost: ignored."""
 
-    what: str  # "result", "start" or "retry"
+    what: str  # "result", "start", "retry" or "return"
     task_id: str
     attempt: int
     worker: str | None
@@ -98,15 +106,19 @@ class Ledger:
 
     Load `tasks` and `workers` for the ids involved, :meth:`apply` each message in
     order (or :meth:`declare_dead`), then write what :meth:`changed_tasks` and
-    :meth:`changed_workers` return, add `counters` to the per-worker totals, and
-    log `worker_notes` and `fenced`.
+    :meth:`changed_workers` return, add `counters` to the per-worker totals, log
+    `worker_notes`, `revived` and `fenced`, and after the commit send the replies
+    :meth:`owed_replies` returns. `now` stamps the replies it marks owed.
     """
 
     tasks: dict[str, TaskRecord]
     workers: dict[str, WorkerRecord]
     heartbeat_timeout_s: float
+    now: datetime = field(default_factory=utcnow)
     counters: dict[str, WorkerCounters] = field(default_factory=dict)
     worker_notes: list[tuple[str, str]] = field(default_factory=list)
+    #: Fenced registrations heard from again (worker id, when it was fenced).
+    revived: list[tuple[str, datetime]] = field(default_factory=list)
     fenced: list[FencedReport] = field(default_factory=list)
     _loaded_tasks: dict[str, TaskRecord] = field(init=False)
     _loaded_workers: dict[str, WorkerRecord] = field(init=False)
@@ -126,6 +138,9 @@ class Ledger:
         if isinstance(message, TaskRetrying):
             self._check_fenced("retry", message.id, message.attempt, message.worker)
             return self._task(message.id, apply_retrying(self.tasks.get(message.id), message))
+        if isinstance(message, TaskReturned):
+            self._check_fenced("return", message.id, message.attempt, message.worker)
+            return self._task(message.id, apply_returned(self.tasks.get(message.id), message))
         changes: list[TaskChange] = []
         if isinstance(message, TasksAccepted):
             for acc in message.tasks:
@@ -135,7 +150,12 @@ class Ledger:
                 self._check_fenced("start", st.id, st.attempt, message.worker)
                 after = apply_started(self.tasks.get(st.id), message.worker, st)
                 changes += self._task(st.id, after)
-        elif isinstance(message, WorkerStarted):
+        else:
+            self._apply_worker(message)
+        return changes
+
+    def _apply_worker(self, message: TrackerMessage) -> None:
+        if isinstance(message, WorkerStarted):
             wid = message.worker.id
             self._worker(wid, apply_worker_started(self.workers.get(wid), message))
         elif isinstance(message, WorkerHeartbeat):
@@ -144,18 +164,19 @@ class Ledger:
         elif isinstance(message, WorkerStopped):
             wid = message.worker
             self._worker(wid, apply_worker_stopped(self.workers.get(wid), message))
-        return changes
 
     def declare_dead(self, worker_id: str, at: datetime, death: Death) -> list[TaskChange]:
         """The watchdog's verdict on a loaded worker; when its deliveries were released,
-        its open attempts of the loaded tasks become lost (see :func:`fence_task`)."""
+        its open attempts of the loaded tasks become `fenced` (the tracker closed its
+        connection) or `lost` (it was gone); see :func:`fence_task`."""
         worker = self.workers.get(worker_id)
         if worker is not None:
             self.workers[worker_id] = declare_dead(worker, at, death)
         changes: list[TaskChange] = []
         if death.releases:
+            outcome = AttemptOutcome.FENCED if death is Death.FENCED else AttemptOutcome.LOST
             for task_id, record in list(self.tasks.items()):
-                changes += self._task(task_id, fence_task(record, worker_id, at))
+                changes += self._task(task_id, fence_task(record, worker_id, at, outcome))
         return changes
 
     def _check_fenced(self, what: str, task_id: str, attempt: int, worker: str | None) -> None:
@@ -166,6 +187,7 @@ class Ledger:
         before = self.tasks.get(task_id)
         if after is None or after is before:
             return []
+        after = owe_reply(after, self.now)
         self.tasks[task_id] = after
         delta = counted(before, after)
         if delta is not None:
@@ -178,6 +200,8 @@ class Ledger:
         before = self.workers.get(worker_id)
         if after is None or after is before:
             return
+        if before is not None and before.death is Death.FENCED and after.death is None:
+            self.revived.append((worker_id, before.dead_at or after.last_seen))
         self.workers[worker_id] = after
         note = worker_change(before, after, self.heartbeat_timeout_s)
         if note is not None:
@@ -204,6 +228,14 @@ class Ledger:
             loaded = self._loaded_tasks.get(task_id)
             if now is not loaded:
                 yield loaded, now
+
+    def owed_replies(self) -> list[TaskRecord]:
+        """The tasks that came to owe their producer a reply in this transaction."""
+        return [
+            now
+            for loaded, now in self.changed_tasks()
+            if now.reply is ReplyState.OWED and (loaded is None or loaded.reply is None)
+        ]
 
     def changed_workers(self) -> list[WorkerRecord]:
         """Every worker record created or changed."""

@@ -1,5 +1,5 @@
 """``leveret tracker``: the tracker-queue consumer, the dead-letter consumer, the worker
-watchdog and the HTTP API, in one process."""
+watchdog, the reply sender (with its sweep) and the HTTP API, in one process."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from leveret.settings import TrackerSettings
 from leveret.tracker.api import create_app
 from leveret.tracker.consumer import Consumer
 from leveret.tracker.deadletters import DeadLetters
+from leveret.tracker.replies import ReplySender
 from leveret.tracker.store import TrackerStore
 from leveret.tracker.watchdog import Watchdog
 
@@ -41,14 +42,16 @@ async def run(
             channel = await open_channel(connection)
             await settings.topology.declare(channel)
             await channel.close()
+            replies = ReplySender(store)
             consumer = Consumer(
                 store,
                 settings.topology,
                 prefetch=settings.prefetch,
                 batch_max=settings.batch_max,
                 batch_wait_ms=settings.batch_wait_ms,
+                replies=replies,
             )
-            dead_letters = DeadLetters(store, settings.topology)
+            dead_letters = DeadLetters(store, settings.topology, replies)
             watchdog = Watchdog(
                 store,
                 api,
@@ -62,7 +65,10 @@ async def run(
                 store, settings, consuming=lambda: consumer.running and dead_letters.running
             )
             server = http_server(app, settings.host, settings.port)
+            sweeping = asyncio.Event()  # set to stop the sweep after the consumers drained
             async with asyncio.TaskGroup() as group:
+                await replies.start(connection)
+                sweep = group.create_task(replies.run(sweeping), name="tracker-reply-sweep")
                 await consumer.start(connection)
                 await dead_letters.start(connection)
                 batches = group.create_task(consumer.run(), name="tracker-consumer")
@@ -89,16 +95,20 @@ async def run(
                 await consumer.stop()
                 await dead_letters.stop()
                 await _drain(batches, letters)
+                sweeping.set()
+                await _drain(sweep)
                 server.should_exit = True
                 await http
             await consumer.close()
             await dead_letters.close()
+            await replies.close()
             logger.info(
                 "tracker drained: {} messages applied, {} rejected, {} dead letters handled, "
-                "{} workers declared dead",
+                "{} replies sent, {} workers declared dead",
                 consumer.applied,
                 consumer.refused,
                 dead_letters.handled,
+                replies.sent,
                 watchdog.declared,
             )
         finally:

@@ -11,18 +11,28 @@ Rules (status rank: pending = blocked = delayed < running = retrying < terminal)
   only forward along blocked → delayed → pending: the scheduler announces a held
   task `blocked` or `delayed`, then `pending` when it releases it.
 - A `started` event is fenced by attempt: a lower attempt than the record's, or
-  an attempt that already ended (failed, lost), never takes the task back.
+  an attempt that already ended (failed, returned, lost, fenced), never takes the
+  task back.
 - A `retrying` event marks its attempt `failed` and the task `retrying` until a
   higher attempt starts; one for an attempt lower than the current one only
   joins the history.
+- A `returned` event (a worker handed the attempt back on a graceful stop) marks
+  its attempt `returned`; if that was the current attempt of a task still
+  running, the task is `pending` again. No retry is spent.
 - The *first* terminal result is the task's result; a later one (the task ran
   twice) only marks its own attempt in the history. Worker counters count the
   recorded result only.
 - Fencing by attempt: when the watchdog wrote a worker off, its open attempts
-  became `lost` (the broker requeued their deliveries). A worker's late started
-  event, retrying event or result for a lost attempt never touches the task.
+  became `fenced` (the tracker closed its connection) or `lost` (the connection
+  was gone already); either way the broker requeued their deliveries. A worker's
+  late started, retrying or returned event or result for such an attempt never
+  touches the task.
 - A `rejected` result creates a record for an unknown id and never touches a
   known task; a `duplicate` result is a reply to a producer and is ignored.
+- The producer's one reply: a task that ends completed, failed or cancelled with a
+  known `reply_to` (from `task.accepted`, which may come after the result) *owes*
+  a reply, marked in the same step (:func:`owe_reply`); see
+  :mod:`leveret.tracker.replies` for how it is sent.
 """
 
 from __future__ import annotations
@@ -35,12 +45,14 @@ from typing import TypeAlias, TypeVar
 from pydantic import JsonValue
 
 from leveret.contracts import (
+    ENDED_STATUSES,
     AcceptedTask,
     Event,
     StartedTask,
     TaskProgress,
     TaskResult,
     TaskRetrying,
+    TaskReturned,
     TaskStatus,
 )
 
@@ -56,7 +68,22 @@ class AttemptOutcome(StrEnum):
     COMPLETED = "completed"  # the handler returned
     FAILED = "failed"  # the handler raised, timed out, or the task could not run
     CANCELLED = "cancelled"  # cancelled while it ran
-    LOST = "lost"  # its worker was declared dead; the broker gave the task to another
+    LOST = "lost"  # its worker's connection was gone; the broker gave the task to another
+    FENCED = "fenced"  # the tracker closed its silent worker's connection; requeued likewise
+    RETURNED = "returned"  # handed back on a graceful stop; it spends no retry
+
+    @property
+    def written_off(self) -> bool:
+        """True when the tracker gave up on the attempt (its worker was declared dead):
+        nothing its worker says about it later counts."""
+        return self in (AttemptOutcome.LOST, AttemptOutcome.FENCED)
+
+
+class ReplyState(StrEnum):
+    """Where a task's one reply to its producer's `reply_to` stands."""
+
+    OWED = "owed"  # the task ended; the reply is not confirmed sent yet
+    SENT = "sent"  # the broker confirmed it
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +120,9 @@ class TaskRecord:
     depends_on: tuple[str, ...] = ()
     progress: Progress | None = None
     requires: tuple[str, ...] = ()
+    reply_to: str | None = None
+    reply: ReplyState | None = None
+    reply_at: datetime | None = None  # when the reply became owed, then when it was sent
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,11 +198,21 @@ def history_entry(history: tuple[Attempt, ...], attempt: int) -> Attempt | None:
 
 
 def is_fenced(record: TaskRecord | None, attempt: int) -> bool:
-    """True when this attempt of the task was written off as lost (its worker was fenced)."""
+    """True when this attempt of the task was written off (`lost` or `fenced`): its
+    worker was declared dead and the broker gave the task to another."""
     if record is None:
         return False
     entry = history_entry(record.attempts, attempt)
-    return entry is not None and entry.outcome is AttemptOutcome.LOST
+    return entry is not None and entry.outcome is not None and entry.outcome.written_off
+
+
+def owe_reply(record: TaskRecord, at: datetime) -> TaskRecord:
+    """The record with its reply marked owed (at `at`) when it owes one now: it ended
+    completed, failed or cancelled (not `rejected`: the scheduler answers refusals),
+    its producer gave a `reply_to`, and no reply is owed or sent yet."""
+    if record.reply is None and record.reply_to and record.status in ENDED_STATUSES:
+        return replace(record, reply=ReplyState.OWED, reply_at=at)
+    return record
 
 
 def apply_accepted(record: TaskRecord | None, item: AcceptedTask) -> TaskRecord:
@@ -191,6 +231,7 @@ def apply_accepted(record: TaskRecord | None, item: AcceptedTask) -> TaskRecord:
             run_at=item.run_at,
             depends_on=tuple(item.depends_on),
             requires=tuple(item.requires),
+            reply_to=item.reply_to,
         )
     if record.status in _HELD_ORDER and _HELD_ORDER[status] > _HELD_ORDER[record.status]:
         record_status = status
@@ -208,13 +249,15 @@ def apply_accepted(record: TaskRecord | None, item: AcceptedTask) -> TaskRecord:
             run_at=record.run_at or item.run_at,
             depends_on=record.depends_on or tuple(item.depends_on),
             requires=record.requires or tuple(item.requires),
+            reply_to=record.reply_to or item.reply_to,
         ),
     )
 
 
 def apply_started(record: TaskRecord | None, worker: str, item: StartedTask) -> TaskRecord:
     """A worker began an attempt: `running`, unless the task is terminal, the record
-    already holds a higher attempt, or this attempt already ended (failed or lost).
+    already holds a higher attempt, or this attempt already ended (failed, returned,
+    written off).
     The attempt joins the history either way."""
     entry = Attempt(item.attempt, worker, started_at=item.started_at)
     if record is None:
@@ -254,7 +297,7 @@ def apply_started(record: TaskRecord | None, worker: str, item: StartedTask) -> 
 def apply_retrying(record: TaskRecord | None, event: TaskRetrying) -> TaskRecord:
     """An attempt failed and the broker holds the task until the next one: the attempt is
     `failed`, the task `retrying` with that error, unless a higher attempt owns it already
-    or it is terminal (then only the history learns). Ignored for a lost attempt."""
+    or it is terminal (then only the history learns). Ignored for a written-off attempt."""
     entry = Attempt(event.attempt, event.worker, event.started_at, event.at, AttemptOutcome.FAILED)
     if record is None:
         return _retrying(TaskRecord(id=event.id, status=TaskStatus.RETRYING), event, (entry,))
@@ -264,6 +307,25 @@ def apply_retrying(record: TaskRecord | None, event: TaskRetrying) -> TaskRecord
     if record.status.terminal or event.attempt < record.attempt:
         return _keep(record, replace(record, attempts=history))
     return _keep(record, _retrying(record, event, history))
+
+
+def apply_returned(record: TaskRecord | None, event: TaskReturned) -> TaskRecord:
+    """A worker handed an attempt back on a graceful stop: the attempt is `returned`
+    (ended at `event.at`); if it is the current attempt of a task that is not terminal,
+    the task is `pending` again (no worker). Ignored for a written-off attempt."""
+    entry = Attempt(
+        event.attempt, event.worker, event.started_at, event.at, AttemptOutcome.RETURNED
+    )
+    if record is None:
+        return TaskRecord(
+            id=event.id, status=TaskStatus.PENDING, attempt=event.attempt, attempts=(entry,)
+        )
+    if is_fenced(record, event.attempt):
+        return record
+    new = replace(record, attempts=merge_attempt(record.attempts, entry))
+    if not record.status.terminal and event.attempt == record.attempt:
+        new = replace(new, status=TaskStatus.PENDING, worker=None, started_at=None)
+    return _keep(record, new)
 
 
 def _retrying(base: TaskRecord, event: TaskRetrying, history: tuple[Attempt, ...]) -> TaskRecord:
@@ -284,7 +346,7 @@ def _retrying(base: TaskRecord, event: TaskRetrying, history: tuple[Attempt, ...
 def apply_result(record: TaskRecord | None, result: TaskResult) -> TaskRecord | None:
     """An outcome: the first terminal one is recorded, later ones only mark their attempt;
     `rejected` only creates unknown tasks; `duplicate` is ignored; a worker's result for
-    a lost attempt is ignored (fencing)."""
+    a written-off attempt is ignored (fencing)."""
     if result.status == "duplicate":
         return record
     status = TaskStatus(result.status)
@@ -340,17 +402,22 @@ def _rejected(result: TaskResult) -> TaskRecord:
     )
 
 
-def fence_task(record: TaskRecord, worker: str, at: datetime) -> TaskRecord:
+def fence_task(
+    record: TaskRecord,
+    worker: str,
+    at: datetime,
+    outcome: AttemptOutcome = AttemptOutcome.LOST,
+) -> TaskRecord:
     """`worker` was declared dead and its deliveries went back to the queue: each of its
-    attempts of this task without an outcome becomes `lost`; if the task's current
-    attempt is one of them and the task is not terminal, it is `pending` again."""
+    attempts of this task without an outcome gets `outcome` (`fenced` when the tracker
+    closed its connection, `lost` when it was gone); if the task's current attempt is
+    one of them and the task is not terminal, it is `pending` again."""
+    assert outcome.written_off
     lost = {a.attempt for a in record.attempts if a.worker == worker and a.outcome is None}
     if not lost:
         return record
     history = tuple(
-        replace(a, outcome=AttemptOutcome.LOST, finished_at=a.finished_at or at)
-        if a.attempt in lost
-        else a
+        replace(a, outcome=outcome, finished_at=a.finished_at or at) if a.attempt in lost else a
         for a in record.attempts
     )
     new = replace(record, attempts=history)

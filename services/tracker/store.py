@@ -9,6 +9,12 @@ writers of one process (consumer, dead letters, watchdog), and on PostgreSQL a
 transaction-level advisory lock serialises several tracker replicas, so no two
 ever read-modify-write the same task at once. Applying a batch again is a no-op
 (redeliveries are expected).
+
+A transaction that leaves a task owing its producer a reply marks it `owed` in the
+same commit and hands the record back (:attr:`Applied.replies`); the sender marks it
+`sent` once the broker confirmed it (:meth:`TrackerStore.mark_replies_sent`), and
+:meth:`TrackerStore.owed_replies` finds the ones left behind (see
+:mod:`leveret.tracker.replies`).
 """
 
 from __future__ import annotations
@@ -29,7 +35,13 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from leveret.contracts import EndedTask, TaskStatus
 from leveret.db import create_engine, insert_for
 from leveret.tracker.ledger import Ledger, TaskChange, load_ids
-from leveret.tracker.state import Attempt, TaskRecord, TrackerMessage, WorkerCounters
+from leveret.tracker.state import (
+    Attempt,
+    ReplyState,
+    TaskRecord,
+    TrackerMessage,
+    WorkerCounters,
+)
 from leveret.tracker.stats import Stats, task_figures
 from leveret.tracker.tables import (
     attempt_row,
@@ -74,11 +86,13 @@ class TaskPage:
 
 @dataclass(frozen=True)
 class Applied:
-    """What one batch changed, and the outcomes to tell the scheduler (`tasks.ended`)."""
+    """What one batch changed, the outcomes to tell the scheduler (`tasks.ended`), and
+    the tasks whose reply to their producer it left owed (to send after the commit)."""
 
     transitions: int
     workers: int
     ended: tuple[EndedTask, ...] = ()
+    replies: tuple[TaskRecord, ...] = ()
 
 
 def encode_cursor(seq: int) -> str:
@@ -142,13 +156,19 @@ class TrackerStore:
                     _log_change(change)
             await self._write(conn, ledger)
         _log_notes(ledger)
-        return Applied(transitions, len(ledger.changed_workers()), tuple(ledger.ended(messages)))
+        return Applied(
+            transitions,
+            len(ledger.changed_workers()),
+            tuple(ledger.ended(messages)),
+            tuple(ledger.owed_replies()),
+        )
 
     async def declare_dead(self, worker_id: str, at: datetime, death: Death) -> int:
         """Record the watchdog's verdict in ONE transaction. When the worker's deliveries
         were released (`death.releases`), each of its attempts without an outcome becomes
-        `lost` and every non-terminal task whose current attempt was one of them is
-        `pending` again. Returns how many tasks went back to pending."""
+        `fenced` (or `lost`, for a worker that was gone) and every non-terminal task whose
+        current attempt was one of them is `pending` again. Returns how many tasks went
+        back to pending."""
         async with self._writing() as conn:
             task_ids: set[str] = set()
             if death.releases:
@@ -172,6 +192,33 @@ class TrackerStore:
         )
         async with self.engine.connect() as conn:
             return [to_worker(r) for r in await conn.execute(query)]
+
+    async def owed_replies(self, cutoff: datetime, limit: int = MAX_PAGE) -> list[TaskRecord]:
+        """Tasks whose reply was owed at `cutoff` already and is not sent yet, oldest
+        first (the sweep's work; without attempt histories, which a reply does not need)."""
+        query = (
+            select(tasks)
+            .where(tasks.c.reply == ReplyState.OWED.value, tasks.c.reply_at <= cutoff)
+            .order_by(tasks.c.reply_at)
+            .limit(limit)
+        )
+        async with self.engine.connect() as conn:
+            return [to_task(r) for r in await conn.execute(query)]
+
+    async def mark_replies_sent(self, task_ids: Sequence[str], at: datetime) -> int:
+        """Record that the replies of these tasks were confirmed sent; returns how many
+        were still owed. A write like any other (one at a time), so no batch that loaded
+        a task as `owed` writes it back over the mark."""
+        marked = 0
+        async with self._writing() as conn:
+            for part in _chunks(sorted(set(task_ids))):
+                done = await conn.execute(
+                    update(tasks)
+                    .where(tasks.c.id.in_(part), tasks.c.reply == ReplyState.OWED.value)
+                    .values(reply=ReplyState.SENT.value, reply_at=at)
+                )
+                marked += done.rowcount
+        return marked
 
     @contextlib.asynccontextmanager
     async def _writing(self) -> AsyncIterator[AsyncConnection]:
@@ -337,7 +384,14 @@ class TrackerStore:
 
 
 def _log_notes(ledger: Ledger) -> None:
-    """INFO lines for worker state changes and ignored messages of fenced attempts."""
+    """INFO lines for worker state changes and ignored messages of fenced attempts; a
+    WARNING for a fenced registration that is heard from again."""
+    for worker_id, dead_at in ledger.revived:
+        logger.bind(worker=worker_id).warning(
+            "worker {} was fenced at {} and is heard from again: watched again",
+            worker_id,
+            dead_at.isoformat(),
+        )
     for worker_id, note in ledger.worker_notes:
         logger.info("worker {worker} {note}", worker=worker_id, note=note)
     for f in ledger.fenced:

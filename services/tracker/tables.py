@@ -22,12 +22,20 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    text,
 )
 from sqlalchemy.engine import Row
 
 from leveret.contracts import TaskStatus
 from leveret.db import UtcDateTime, add_missing_columns
-from leveret.tracker.state import Attempt, AttemptOutcome, Progress, TaskRecord, WorkerCounters
+from leveret.tracker.state import (
+    Attempt,
+    AttemptOutcome,
+    Progress,
+    ReplyState,
+    TaskRecord,
+    WorkerCounters,
+)
 from leveret.tracker.workers import Death, WorkerRecord
 
 metadata = MetaData()
@@ -57,6 +65,10 @@ tasks = Table(
     Column("depends_on", JSON),  # the ids a blocked task waits for
     Column("progress", JSON),  # the current attempt's latest report: fraction, message, at
     Column("requires", JSON),  # the capabilities a worker needs to run it
+    # The producer's reply address, and where its one reply stands (owed, sent) since when.
+    Column("reply_to", String(255)),
+    Column("reply", String(8)),
+    Column("reply_at", UtcDateTime),
 )
 
 attempts = Table(
@@ -103,6 +115,10 @@ worker_counters = Table(
 # Filter by status or kind, newest first, without a sort.
 Index("ix_tasks_status_seq", tasks.c.status, tasks.c.seq)
 Index("ix_tasks_kind_seq", tasks.c.kind, tasks.c.seq)
+# The reply sweep finds the replies still owed; a partial index holds only those rows,
+# so it costs nothing per task that owes nothing.
+_OWED = text("reply = 'owed'")
+Index("ix_tasks_reply_owed", tasks.c.reply_at, sqlite_where=_OWED, postgresql_where=_OWED)
 # The watchdog finds a dead worker's open attempts.
 Index("ix_attempts_worker_outcome", attempts.c.worker, attempts.c.outcome)
 
@@ -133,6 +149,9 @@ def task_row(record: TaskRecord) -> dict[str, Any]:
         "depends_on": list(record.depends_on) or None,
         "progress": _progress_json(record.progress),
         "requires": list(record.requires) or None,
+        "reply_to": record.reply_to,
+        "reply": record.reply.value if record.reply is not None else None,
+        "reply_at": record.reply_at,
     }
 
 
@@ -190,6 +209,9 @@ def to_task(row: Row[Any], history: tuple[Attempt, ...] = ()) -> TaskRecord:
         depends_on=tuple(row.depends_on or ()),
         progress=_progress_of(row.progress),
         requires=tuple(row.requires or ()),
+        reply_to=row.reply_to,
+        reply=ReplyState(row.reply) if row.reply is not None else None,
+        reply_at=row.reply_at,
     )
 
 

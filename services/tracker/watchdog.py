@@ -13,11 +13,18 @@ For each such worker it closes the worker's AMQP connections (``connection_name`
 containing ``leveret-fenced`` so that the worker, if it ever wakes up, knows to
 re-register under a new id. The broker requeues the worker's unacked deliveries
 at once. Then, in one transaction, the worker becomes `dead` and its open
-attempts `lost`, and their tasks `pending` again (see
+attempts `fenced`, and their tasks `pending` again (see
 :meth:`leveret.tracker.store.TrackerStore.declare_dead`).
 
+A fenced worker is left alone only while it stays silent: if it is heard from
+again under its fenced id (its close reason was lost in a connection reset, so it
+did not know to re-register), a heartbeat sent after the fence revives the
+registration and this watchdog watches it, and fences it, again (see
+:mod:`leveret.tracker.workers`).
+
 A connection that is not listed at all counts as gone (a crashed worker's
-connection is closed already, so the broker requeued its deliveries), but only
+connection is closed already, so the broker requeued its deliveries; its open
+attempts become `lost`), but only
 after it stayed unlisted for :data:`GONE_CONFIRM_S`: the management API lists a
 new connection only after its next statistics round (5 s by default).
 

@@ -5,8 +5,13 @@ A worker the watchdog declares dead carries *how* it died, because that decides
 what may bring it back:
 
 - ``fenced``: the tracker closed its AMQP connection. The worker notices (the close
-  reason says ``leveret-fenced``) and re-registers under a new id, so nothing from
-  the old id ever revives it.
+  reason says ``leveret-fenced``) and re-registers under a new id. But the reason
+  can be lost (a connection reset after a partition swallows the close frame), and
+  a worker that comes back under its fenced id must not hold a connection nobody
+  watches: a heartbeat or announcement from that id sent *after* the fence
+  (`at` later than `dead_at`) revives the registration, so the watchdog watches it
+  (and fences it) again. One sent before the fence and delivered late changes
+  nothing. Its fenced attempts stay written off either way.
 - ``gone``: its connection had already vanished (crash, lost host); the broker
   requeued its deliveries. If it was only cut off, it comes back under the same
   id on a new connection, and its next heartbeat revives it.
@@ -39,7 +44,7 @@ class WorkerState(StrEnum):
 class Death(StrEnum):
     """How the watchdog declared a worker dead (see the module docstring)."""
 
-    FENCED = "fenced"  # its connection was closed by the tracker; never revived
+    FENCED = "fenced"  # its connection was closed by the tracker; revived only by news after it
     GONE = "gone"  # its connection was already gone; its attempts are lost
     UNFENCED = "unfenced"  # its connection could not be closed; it may hold its tasks
 
@@ -116,12 +121,27 @@ def _keep(old: WorkerRecord, new: WorkerRecord) -> WorkerRecord:
     return old if new == old else new
 
 
+def heard_after_fence(record: WorkerRecord | None, at: datetime) -> bool:
+    """True when a message sent at `at` comes from a fenced registration after its fence:
+    the worker is back under its old id (see the module docstring)."""
+    return (
+        record is not None
+        and record.death is Death.FENCED
+        and record.dead_at is not None
+        and at > record.dead_at
+    )
+
+
+def _fenced_and_not_since(record: WorkerRecord, at: datetime) -> bool:
+    return record.death is Death.FENCED and not heard_after_fence(record, at)
+
+
 def apply_worker_started(record: WorkerRecord | None, event: WorkerStarted) -> WorkerRecord:
     """A worker announced itself (at start, on a new session, and when a scheduler starts).
-    A newer announcement revives a dead worker, unless it was fenced."""
+    A newer announcement revives a dead worker; a fenced one only if sent after the fence."""
     if record is None:
         return _from_info(event.worker, event.at)
-    if record.death is Death.FENCED:
+    if _fenced_and_not_since(record, event.at):
         return record
     new = _with_info(record, event.worker)
     if event.at > record.last_seen:
@@ -131,9 +151,10 @@ def apply_worker_started(record: WorkerRecord | None, event: WorkerStarted) -> W
 
 def apply_heartbeat(record: WorkerRecord | None, event: WorkerHeartbeat) -> WorkerRecord:
     """A heartbeat: registers an unknown worker; a newer one refreshes `last_seen` and
-    `in_flight` and revives a dead worker that was not fenced (one older than the last
-    heartbeat or the goodbye, delivered late, does not). A fenced id stays dead."""
-    if record is not None and record.death is Death.FENCED:
+    `in_flight` and revives a dead worker (one older than the last heartbeat or the
+    goodbye, delivered late, does not). A fenced id is revived only by a heartbeat sent
+    after the fence."""
+    if record is not None and _fenced_and_not_since(record, event.at):
         return record
     base = record if record is not None else _from_info(event.worker, event.at)
     new = _with_info(base, event.worker)
@@ -149,7 +170,7 @@ def apply_heartbeat(record: WorkerRecord | None, event: WorkerHeartbeat) -> Work
 
 def apply_worker_stopped(record: WorkerRecord | None, event: WorkerStopped) -> WorkerRecord | None:
     """A worker stopped gracefully; a goodbye from a worker never seen, or from a fenced
-    registration, is ignored."""
+    registration (not revived first), is ignored."""
     if record is None or record.death is Death.FENCED:
         return record
     if record.stopped_at is not None and record.stopped_at >= event.at:

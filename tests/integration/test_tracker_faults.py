@@ -309,7 +309,7 @@ async def test_watchdog_fences_a_silent_worker_end_to_end(tracker: Tracker, amqp
         f"(heartbeat timeout {TIMEOUT_S} s)"
     )
     assert [(a["attempt"], a["worker"], a["outcome"]) for a in task["attempts"]] == [
-        (1, worker_id, "lost")
+        (1, worker_id, "fenced")
     ]
     listed_workers = (await tracker.http.get("/workers")).json()["workers"]
     fenced = next(w for w in listed_workers if w["id"] == worker_id)
@@ -322,13 +322,23 @@ async def test_watchdog_fences_a_silent_worker_end_to_end(tracker: Tracker, amqp
     )
     assert silence.total_seconds() >= TIMEOUT_S
 
-    # The woken worker's late result and heartbeat change nothing ...
+    # The woken worker's late result, and a heartbeat sent before the fence, change nothing ...
+    last_heard = datetime.fromisoformat(fenced["last_seen"])
+    late = WorkerHeartbeat(worker=info, in_flight=[task_id], at=last_heard)
     await tracker.publish_result(task_result(task_id, attempt=1, worker=worker_id, kind="e"))
-    await tracker.publish(topo.events_exchange, RK_WORKER_HEARTBEAT, WorkerHeartbeat(worker=info))
+    await tracker.publish(topo.events_exchange, RK_WORKER_HEARTBEAT, late)
     await tracker.publish_result(task_result(f"{task_id}-marker"))
     await tracker.task_with(f"{task_id}-marker", "completed")
     assert (await tracker.task(task_id) or {})["status"] == "pending"
     assert (await worker_state(tracker, worker_id)) == "dead"
+    # ... but one sent after it (back under its old id) makes it watched again.
+    await tracker.publish(topo.events_exchange, RK_WORKER_HEARTBEAT, WorkerHeartbeat(worker=info))
+
+    async def watched() -> bool | None:
+        return True if await worker_state(tracker, worker_id) == "alive" else None
+
+    await until(watched, SANITY_S, f"{worker_id} watched again")
+    assert [a["outcome"] for a in (await tracker.task(task_id) or {})["attempts"]] == ["fenced"]
     # ... while attempt 2, on its new registration, is recorded.
     again = TasksStarted(
         worker=f"{worker_id}~1", tasks=[StartedTask(id=task_id, attempt=2, started_at=utcnow())]
@@ -339,7 +349,7 @@ async def test_watchdog_fences_a_silent_worker_end_to_end(tracker: Tracker, amqp
     )
     done = await tracker.task_with(task_id, "completed")
     assert (done["result"], done["attempt"]) == ("second", 2)
-    assert [a["outcome"] for a in done["attempts"]] == ["lost", "completed"]
+    assert [a["outcome"] for a in done["attempts"]] == ["fenced", "completed"]
 
 
 async def worker_state(tracker: Tracker, worker_id: str) -> str | None:
@@ -443,8 +453,8 @@ async def holds_its_task(tracker: Tracker, task_id: str, connection: AbstractCon
     assert connection.connected.is_set()
 
 
-async def released(tracker: Tracker, task_id: str, worker_id: str) -> None:
-    """The task is pending again, its attempt on the worker lost."""
+async def released(tracker: Tracker, task_id: str, worker_id: str, outcome: str) -> None:
+    """The task is pending again, its attempt on the worker written off (`outcome`)."""
 
     async def pending() -> dict[str, Any] | None:
         task = await tracker.task(task_id)
@@ -452,7 +462,7 @@ async def released(tracker: Tracker, task_id: str, worker_id: str) -> None:
 
     task = await until(pending, SANITY_S, f"{task_id} pending")
     assert [(a["attempt"], a["worker"], a["outcome"]) for a in task["attempts"]] == [
-        (1, worker_id, "lost")
+        (1, worker_id, outcome)
     ]
 
 
@@ -484,7 +494,7 @@ async def test_a_worker_whose_connection_is_already_gone_is_written_off_quietly(
     # certainly requeued its deliveries, so its attempt is written off.
     view = await wait_death(tracker, worker_id, "gone")
     assert view["in_flight"] == []
-    await released(tracker, task_id, worker_id)
+    await released(tracker, task_id, worker_id, "lost")
     assert "leveret-fenced" not in closed.reason  # closed by itself, not by the tracker
     noise = [(level, m) for level, m in logs if level in ("WARNING", "ERROR", "CRITICAL")]
     assert noise == []
@@ -523,7 +533,7 @@ async def test_management_api_down_then_back(
             fenced_s = loop.time() - back_at
             assert "leveret-fenced: no heartbeat for" in closed.reason
             assert proxy.accepted > 0
-            await released(tracker, task_id, worker_id)
+            await released(tracker, task_id, worker_id, "fenced")
             view = await worker_view(tracker, worker_id)
             assert (view["state"], view["death"]) == ("dead", "fenced")
             await keeps_going(tracker)

@@ -43,7 +43,7 @@ from leveret.contracts import (
     WorkerStopped,
 )
 from leveret.db import UtcDateTime, create_engine
-from leveret.tracker.state import AttemptOutcome, TrackerMessage
+from leveret.tracker.state import AttemptOutcome, ReplyState, TrackerMessage
 from leveret.tracker.store import InvalidCursor, TrackerStore, decode_cursor, encode_cursor
 from leveret.tracker.workers import Death, WorkerState
 
@@ -235,6 +235,39 @@ async def test_apply_is_idempotent_for_a_redelivered_batch(store: TrackerStore) 
     assert first.transitions == 5 and again.transitions == 0
     stats = await store.stats(at(5))
     assert {w.id: w.counters.completed for w in stats.workers} == {"w1": 1}
+
+
+async def test_a_reply_is_owed_in_the_outcomes_transaction_and_marked_sent_once(
+    store: TrackerStore,
+) -> None:
+    asked = [
+        AcceptedTask(id=i, kind="echo", pool="default", submitted_at=at(0), reply_to=f"r-{i}")
+        for i in ("a", "b")
+    ]
+    quiet = await store.apply([TasksAccepted(tasks=asked), started("w1", "a", "b")])
+    assert quiet.replies == ()  # nothing ended: nothing owed
+    # Both end in one batch; a ran twice, and only its first result is replied.
+    applied = await store.apply([result("a"), result("b", "failed"), result("a", worker="w2")])
+    assert sorted((r.id, r.status, r.worker) for r in applied.replies) == [
+        ("a", TaskStatus.COMPLETED, "w1"),
+        ("b", TaskStatus.FAILED, "w1"),
+    ]
+    later = timedelta(days=1)  # a cutoff after every reply owed here
+    owed = await store.owed_replies(utc_now_plus(later))
+    assert {r.id for r in owed} == {"a", "b"} and all(r.reply_to for r in owed)
+    assert await store.owed_replies(at(0)) == []  # none was owed that early
+    assert await store.mark_replies_sent(["a"], at(20)) == 1
+    assert await store.mark_replies_sent(["a"], at(21)) == 0  # already sent
+    assert [r.id for r in await store.owed_replies(utc_now_plus(later))] == ["b"]
+    # A redelivered batch owes nothing again; the record says where its reply stands.
+    again = await store.apply([result("a"), result("b", "failed")])
+    assert again.replies == ()
+    a = await store.get_task("a")
+    assert a is not None and (a.reply, a.reply_at) == (ReplyState.SENT, at(20))
+
+
+def utc_now_plus(delta: timedelta) -> datetime:
+    return datetime.now(UTC) + delta
 
 
 async def test_big_batch_crosses_parameter_chunks(store: TrackerStore) -> None:
@@ -471,7 +504,23 @@ async def test_a_first_version_database_is_brought_up_to_date(database_url: str)
                     i["name"] for t in ("tasks", "attempts") for i in inspect(c).get_indexes(t)
                 }
             )
-        assert {"ix_tasks_status_seq", "ix_tasks_kind_seq", "ix_attempts_worker_outcome"} <= indexes
+        assert {
+            "ix_tasks_status_seq",
+            "ix_tasks_kind_seq",
+            "ix_attempts_worker_outcome",
+            "ix_tasks_reply_owed",
+        } <= indexes
+        # ... and the reply a task owes its producer.
+        asked = AcceptedTask(
+            id="new-3", kind="echo", pool="default", submitted_at=at(4), reply_to="replies-1"
+        )
+        applied = await store.apply([TasksAccepted(tasks=[asked]), result("new-3")])
+        assert [(r.id, r.reply_to, r.reply) for r in applied.replies] == [
+            ("new-3", "replies-1", ReplyState.OWED)
+        ]
+        assert [r.id for r in await store.owed_replies(utc_now_plus(timedelta(days=1)))] == [
+            "new-3"
+        ]
     finally:
         await store.close()
 

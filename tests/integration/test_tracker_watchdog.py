@@ -156,7 +156,7 @@ async def test_fences_a_silent_worker_and_releases_its_tasks_in_one_go(
     for task_id in ("t1", "t2"):
         task = await store.get_task(task_id)
         assert task is not None and (task.status, task.worker) == (TaskStatus.PENDING, None)
-        assert [(a.attempt, a.outcome) for a in task.attempts] == [(1, AttemptOutcome.LOST)]
+        assert [(a.attempt, a.outcome) for a in task.attempts] == [(1, AttemptOutcome.FENCED)]
     t3, t4 = await store.get_task("t3"), await store.get_task("t4")
     assert t3 is not None and t3.attempts[0].outcome is AttemptOutcome.COMPLETED
     assert t4 is not None and t4.status is TaskStatus.RUNNING
@@ -177,8 +177,9 @@ async def test_fencing_then_late_messages_of_the_old_attempt_are_ignored(
     dog = watchdog(store, FakeApi(closes=1), clock)
     clock.to(10)
     await dog.tick()
-    await store.apply([heartbeat("w1", 11), completed("t1", "w1")])
-    assert (await states(store, at(11)))["w1"] is WorkerState.DEAD  # never revived
+    # Sent before the fence, delivered after it: changes nothing.
+    await store.apply([heartbeat("w1", 9), completed("t1", "w1")])
+    assert (await states(store, at(11)))["w1"] is WorkerState.DEAD
     t1 = await store.get_task("t1")
     assert t1 is not None and t1.status is TaskStatus.PENDING
     assert (
@@ -188,6 +189,37 @@ async def test_fencing_then_late_messages_of_the_old_attempt_are_ignored(
     await store.apply([started("w1~1", "t1", attempt=2), completed("t1", "w1~1", attempt=2)])
     t1 = await store.get_task("t1")
     assert t1 is not None and (t1.status, t1.result, t1.worker) == (TaskStatus.COMPLETED, 2, "w1~1")
+
+
+async def test_a_fenced_worker_heard_from_again_is_watched_and_fenced_again(
+    store: TrackerStore, logs: list[tuple[str, str]]
+) -> None:
+    await busy_worker(store)
+    clock = Clock(-1)
+    api = FakeApi(closes=1)
+    dog = watchdog(store, api, clock)
+    clock.to(10)
+    await dog.tick()
+    # Back under its fenced id (the close reason was lost in a connection reset).
+    await store.apply([heartbeat("w1", 11)])
+    assert (await states(store, at(11)))["w1"] is WorkerState.ALIVE
+    assert any(
+        level == "WARNING"
+        and "worker w1 was fenced at 2024-05-01T12:00:10+00:00 and is heard from again: "
+        "watched again"
+        in message
+        for level, message in logs
+    )
+    t1 = await store.get_task("t1")  # its fenced attempt stays written off
+    assert t1 is not None and [a.outcome for a in t1.attempts] == [AttemptOutcome.FENCED]
+    clock.to(13)
+    await dog.tick()
+    assert [c[0] for c in api.calls].count("w1") == 1  # heard from 2 s ago: fine
+    clock.to(15)
+    await dog.tick()  # silent again for longer than the timeout: fenced again
+    assert [c[0] for c in api.calls].count("w1") == 2
+    [w1] = [w for w in await store.list_workers(at(15)) if w.id == "w1"]
+    assert w1.record is not None and (w1.record.death, w1.record.dead_at) == (Death.FENCED, at(15))
 
 
 async def test_a_restarted_tracker_gives_each_worker_one_timeout(store: TrackerStore) -> None:

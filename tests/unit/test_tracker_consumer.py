@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
@@ -12,11 +12,12 @@ import pytest
 from aio_pika.abc import AbstractIncomingMessage
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
-from leveret.contracts import TaskResult
+from leveret.contracts import TaskResult, TaskStatus
 from leveret.db import is_transient
 from leveret.topology import Topology
 from leveret.tracker.consumer import Consumer, Undecodable, decode
-from leveret.tracker.state import TrackerMessage
+from leveret.tracker.replies import ReplySender
+from leveret.tracker.state import ReplyState, TaskRecord, TrackerMessage
 from leveret.tracker.store import Applied, TrackerStore
 
 TOPOLOGY = Topology("t-unit")
@@ -258,3 +259,59 @@ async def until(condition: Callable[[], bool], what: str, timeout_s: float = 5.0
         if asyncio.get_running_loop().time() > deadline:
             pytest.fail(f"timed out waiting for {what}")
         await asyncio.sleep(0.001)  # poll interval, not synchronisation
+
+
+class RecordingReplies:
+    """Stands in for the reply sender: records what it was asked to send, and when
+    (relative to the acks of `watched`)."""
+
+    def __init__(self, watched: list[FakeDelivery]) -> None:
+        self.watched = watched
+        self.sent: list[tuple[list[str], bool]] = []
+
+    async def send(self, records: Sequence[TaskRecord]) -> int:
+        acked = any(d.settled for d in self.watched)
+        self.sent.append(([r.id for r in records], acked))
+        return len(records)
+
+
+class OwingStore(FakeStore):
+    """Every result whose id starts with "r" leaves its task owing a reply."""
+
+    async def apply(self, messages: Sequence[TrackerMessage]) -> Applied:
+        applied = await super().apply(messages)
+        owed = tuple(
+            TaskRecord(id=m.id, status=TaskStatus.COMPLETED, reply_to="q", reply=ReplyState.OWED)
+            for m in messages
+            if isinstance(m, TaskResult) and m.id.startswith("r")
+        )
+        return replace(applied, replies=owed)
+
+
+async def test_owed_replies_are_sent_after_the_commit_and_before_the_ack() -> None:
+    store = OwingStore()
+    owing = [FakeDelivery(result_body(i), n) for n, i in enumerate(["a", "r1", "r2"], 1)]
+    replies = RecordingReplies(owing)
+    consumer = Consumer(
+        cast(TrackerStore, store),
+        TOPOLOGY,
+        prefetch=100,
+        batch_max=100,
+        batch_wait_ms=1,
+        replies=cast(ReplySender, replies),
+    )
+    await feed(consumer, owing)
+    assert store.committed == [["a", "r1", "r2"]]
+    assert replies.sent == [(["r1", "r2"], False)]  # sent, then the batch acked
+    assert owing[-1].settled == [("ack", True)]
+    quiet = RecordingReplies([])
+    consumer = Consumer(
+        cast(TrackerStore, OwingStore()),
+        TOPOLOGY,
+        prefetch=100,
+        batch_max=100,
+        batch_wait_ms=1,
+        replies=cast(ReplySender, quiet),
+    )
+    await feed(consumer, [FakeDelivery(result_body("b"), 1)])
+    assert quiet.sent == []  # a batch that owes nothing sends nothing

@@ -13,6 +13,7 @@ from leveret.contracts import (
     TaskError,
     TaskResult,
     TaskRetrying,
+    TaskReturned,
     TasksStarted,
     TaskStatus,
     WorkerHeartbeat,
@@ -26,6 +27,7 @@ from leveret.tracker.state import (
     TaskRecord,
     apply_result,
     apply_retrying,
+    apply_returned,
     apply_started,
     fence_task,
     is_fenced,
@@ -79,6 +81,17 @@ def retrying(attempt: int = 1, worker: str = "w1", seconds: float = 3) -> TaskRe
         started_at=at(1),
         retry_in_s=4,
         retry_at=at(seconds + 4),
+        at=at(seconds),
+    )
+
+
+def returned(attempt: int = 1, worker: str = "w1", seconds: float = 4) -> TaskReturned:
+    return TaskReturned(
+        id="t1",
+        attempt=attempt,
+        worker=worker,
+        reason="grace period over",
+        started_at=at(1),
         at=at(seconds),
     )
 
@@ -177,6 +190,27 @@ def test_ledger_declare_dead_releases_only_when_the_broker_requeued() -> None:
     assert released.changed_workers()[0].dead_at == at(10)
 
 
+@pytest.mark.parametrize(
+    ("death", "outcome"),
+    [(Death.FENCED, AttemptOutcome.FENCED), (Death.GONE, AttemptOutcome.LOST)],
+)
+def test_the_written_off_attempt_says_how_its_worker_died(
+    death: Death, outcome: AttemptOutcome
+) -> None:
+    ledger = Ledger({"t1": running()}, {"w1": worker()}, heartbeat_timeout_s=3)
+    ledger.declare_dead("w1", at(10), death)
+    record = ledger.tasks["t1"]
+    assert [(a.attempt, a.outcome, a.finished_at) for a in record.attempts] == [
+        (1, outcome, at(10))
+    ]
+    assert is_fenced(record, 1)
+    # Written off either way: the woken worker's late messages about it change nothing.
+    assert apply_result(record, result(attempt=1)) is record
+    assert apply_retrying(record, retrying(attempt=1)) is record
+    assert apply_started(record, "w1", started(attempt=1)).status is TaskStatus.PENDING
+    assert apply_returned(record, returned(attempt=1)) is record
+
+
 # --- retrying --------------------------------------------------------------------------
 
 
@@ -232,12 +266,43 @@ def test_a_terminal_result_ends_a_retrying_task() -> None:
 # --- worker deaths ---------------------------------------------------------------------
 
 
-def test_a_fenced_worker_is_never_revived_by_its_old_id() -> None:
+def test_a_fenced_worker_is_not_revived_by_news_older_than_its_fence() -> None:
     dead = declare_dead(worker(last_seen=0), at(5), Death.FENCED)
     assert worker_state(dead, at(5), 3) is WorkerState.DEAD
-    assert apply_heartbeat(dead, beat(6)) is dead
-    assert apply_worker_started(dead, WorkerStarted(worker=info(), at=at(6))) is dead
+    # Sent before the fence, delivered late: nothing changes.
+    assert apply_heartbeat(dead, beat(4)) is dead
+    assert apply_heartbeat(dead, beat(5)) is dead
+    assert apply_worker_started(dead, WorkerStarted(worker=info(), at=at(4))) is dead
     assert apply_worker_stopped(dead, WorkerStopped(worker="w1", at=at(6))) is dead
+
+
+def test_a_fenced_worker_heard_from_after_its_fence_is_watched_again() -> None:
+    # Its close reason was lost in a connection reset: it is back under its old id.
+    dead = declare_dead(worker(last_seen=0, in_flight=("t1",)), at(5), Death.FENCED)
+    back = apply_heartbeat(dead, WorkerHeartbeat(worker=info(), in_flight=["t9"], at=at(7)))
+    assert (back.death, back.dead_at, back.last_seen, back.in_flight) == (
+        None,
+        None,
+        at(7),
+        ("t9",),
+    )
+    assert worker_state(back, at(7), 3) is WorkerState.ALIVE
+    [due] = overdue([back], at(11), since=at(0), timeout_s=3)  # silent again: due again
+    assert due.worker.id == "w1"
+    announced = apply_worker_started(dead, WorkerStarted(worker=info(), at=at(6)))
+    assert (announced.death, announced.last_seen) == (None, at(6))
+    fenced_again = declare_dead(back, at(12), Death.FENCED)
+    assert (fenced_again.death, fenced_again.dead_at) == (Death.FENCED, at(12))
+
+
+def test_ledger_notes_a_fenced_worker_that_is_heard_from_again() -> None:
+    dead = declare_dead(worker(last_seen=0), at(5), Death.FENCED)
+    ledger = Ledger({}, {"w1": dead}, heartbeat_timeout_s=3)
+    ledger.apply(beat(4))  # late: no note
+    assert ledger.revived == [] and ledger.changed_workers() == []
+    ledger.apply(beat(7))
+    assert ledger.revived == [("w1", at(5))]
+    assert [w.death for w in ledger.changed_workers()] == [None]
 
 
 @pytest.mark.parametrize("death", [Death.UNFENCED, Death.GONE])

@@ -11,6 +11,7 @@ from leveret.contracts import (
     StartedTask,
     TaskError,
     TaskResult,
+    TaskReturned,
     TasksAccepted,
     TasksStarted,
     TaskStatus,
@@ -25,8 +26,10 @@ from leveret.tracker.state import (
     WorkerCounters,
     apply_accepted,
     apply_result,
+    apply_returned,
     apply_started,
     counted,
+    history_entry,
     rank,
 )
 from leveret.tracker.workers import (
@@ -237,6 +240,63 @@ def test_counted_only_for_the_recorded_terminal() -> None:
     later = apply_result(done, result("failed", attempt=2, worker="w2"))
     assert later is not None
     assert counted(done, later) is None
+
+
+def returned(attempt: int = 1, worker: str = "w1", seconds: float = 5) -> TaskReturned:
+    return TaskReturned(
+        id="t1",
+        attempt=attempt,
+        worker=worker,
+        reason="stopping: grace period over",
+        started_at=at(1),
+        at=at(seconds),
+    )
+
+
+def test_returned_attempt_ends_returned_and_the_task_is_pending_again() -> None:
+    record = apply_started(apply_accepted(None, accepted()), "w1", started())
+    back = apply_returned(record, returned())
+    assert (back.status, back.worker, back.started_at, back.attempt) == (
+        TaskStatus.PENDING,
+        None,
+        None,
+        1,
+    )
+    assert [(a.attempt, a.worker, a.outcome, a.finished_at) for a in back.attempts] == [
+        (1, "w1", AttemptOutcome.RETURNED, at(5))
+    ]
+    assert apply_returned(back, returned()) is back  # redelivered
+    # Its late started event does not take the task back; the next attempt does.
+    assert apply_started(back, "w1", started()).status is TaskStatus.PENDING
+    again = apply_started(back, "w2", started(attempt=2, seconds=6))
+    assert (again.status, again.worker, again.attempt) == (TaskStatus.RUNNING, "w2", 2)
+    done = apply_result(again, result(attempt=2, worker="w2"))
+    assert done is not None
+    assert [a.outcome for a in done.attempts] == [AttemptOutcome.RETURNED, AttemptOutcome.COMPLETED]
+
+
+def test_returned_for_an_old_attempt_or_a_finished_task_only_joins_the_history() -> None:
+    second = apply_started(apply_started(None, "w1", started()), "w2", started(attempt=2))
+    late = apply_returned(second, returned(attempt=1))
+    assert (late.status, late.worker, late.attempt) == (TaskStatus.RUNNING, "w2", 2)
+    entry = history_entry(late.attempts, 1)
+    assert entry is not None and entry.outcome is AttemptOutcome.RETURNED
+    done = apply_result(apply_started(None, "w1", started()), result())
+    assert done is not None
+    assert apply_returned(done, returned(attempt=1)).status is TaskStatus.COMPLETED
+    unknown = apply_returned(None, returned(attempt=3))
+    assert (unknown.status, unknown.attempt) == (TaskStatus.PENDING, 3)
+    assert [a.outcome for a in unknown.attempts] == [AttemptOutcome.RETURNED]
+
+
+def test_ledger_applies_a_returned_event() -> None:
+    ledger = Ledger({}, {}, heartbeat_timeout_s=5)
+    ledger.apply(TasksStarted(worker="w1", tasks=[started()]))
+    changes = ledger.apply(returned())
+    assert [(c.task_id, c.before, c.after) for c in changes] == [
+        ("t1", TaskStatus.RUNNING, TaskStatus.PENDING)
+    ]
+    assert ledger.counters == {}  # a hand-back is no result
 
 
 def test_ledger_counts_each_task_once_and_reports_changes() -> None:
