@@ -51,11 +51,9 @@ from leveret.amqp import (
     open_channel,
     publish_all,
     return_to_queue,
-    send_reply,
 )
 from leveret.contracts import (
     FENCED_MARKER,
-    REPLY_RESULT,
     CancelTask,
     RequirementsDeclared,
     StartedTask,
@@ -663,7 +661,9 @@ class Worker:
             return TaskResult(status=bad.status, error=bad.error, **fields)
 
     async def _deliver(self, task: TaskMessage, result: TaskResult) -> None:
-        """Publish the result (confirmed) and reply to the producer if it asked."""
+        """Publish the result (confirmed). The producer's `reply_to` gets its one terminal
+        reply from the tracker, for the outcome it records: a task that ran twice (a
+        crash window, a frozen worker that woke) must not answer twice."""
         assert self._declared is not None
         topo = self.settings.topology
         corr = task.correlation_id or task.id
@@ -677,9 +677,6 @@ class Worker:
                 )
             ]
         )
-        if task.reply_to:
-            reply = json_message(result, persistent=False, correlation_id=corr, type_=REPLY_RESULT)
-            await send_reply(self._declared.channel, task.reply_to, reply)
 
 
 async def _first(*aws: Any) -> None:

@@ -12,6 +12,7 @@ pytestmark = pytest.mark.broker
 
 
 async def test_client_runs_tasks_and_gets_results(cluster: Cluster) -> None:
+    cluster.start_tracker()  # it sends the one terminal reply a waiting client gets
     cluster.start_scheduler()
     cluster.start_worker("w1", "--concurrency", "4")
     async with Client(cluster.amqp_url, namespace=cluster.namespace) as client:
