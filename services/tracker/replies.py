@@ -44,7 +44,7 @@ from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 from loguru import logger
 from tenacity import AsyncRetrying, retry_if_exception, wait_exponential_jitter
 
-from leveret.amqp import UNCONFIRMED, Outgoing, json_message, open_channel, publish_all
+from leveret.amqp import UNCONFIRMED, json_message, open_channel
 from leveret.contracts import REPLY_RESULT, TaskError, TaskResult, utcnow
 from leveret.db import is_transient
 from leveret.tracker.state import TaskRecord
@@ -57,6 +57,8 @@ SWEEP_INTERVAL_S = 3.0
 SWEEP_GRACE_S = 2.0
 #: Replies per sweep round (the next round takes the rest).
 SWEEP_BATCH = 1000
+#: How long a reply's confirm may take before it counts as not sent.
+PUBLISH_TIMEOUT_S = 30.0
 
 
 def reply_of(record: TaskRecord) -> aio_pika.Message:
@@ -138,9 +140,13 @@ class ReplySender:
             logger.warning("{} replies not sent (no channel yet); the sweep retries", len(records))
             return []
         exchange = channel.default_exchange
+        # Like publish_all, but each reply's confirm counts on its own: a reply that was
+        # confirmed is marked sent even if another one of the batch was not.
         outcomes = await asyncio.gather(
             *(
-                publish_all([Outgoing(exchange, r.reply_to or "", reply_of(r), mandatory=False)])
+                exchange.publish(
+                    reply_of(r), r.reply_to or "", mandatory=False, timeout=PUBLISH_TIMEOUT_S
+                )
                 for r in records
             ),
             return_exceptions=True,
@@ -156,7 +162,9 @@ class ReplySender:
                 len(records),
                 failed[0],
             )
-        return [r.id for r, o in zip(records, outcomes, strict=True) if o is None]
+        return [
+            r.id for r, o in zip(records, outcomes, strict=True) if not isinstance(o, BaseException)
+        ]
 
     async def _mark_sent(self, task_ids: list[str]) -> bool:
         """Mark confirmed replies sent, waiting out transient database failures (a reply

@@ -63,7 +63,11 @@ R = TypeVar("R")
 
 
 class AttemptOutcome(StrEnum):
-    """How one attempt ended."""
+    """How one attempt ended: `completed`, `failed` or `cancelled` (its result);
+    `returned` (its worker handed it back on a graceful stop; no retry spent);
+    `fenced` (its worker went silent and the tracker closed its connection) or `lost`
+    (its worker's connection was already gone): the broker gave the task to another.
+    No outcome while the attempt runs."""
 
     COMPLETED = "completed"  # the handler returned
     FAILED = "failed"  # the handler raised, timed out, or the task could not run

@@ -44,6 +44,7 @@ from leveret.tracker.state import (
 )
 from leveret.tracker.stats import Stats, task_figures
 from leveret.tracker.tables import (
+    REPLY_OWED,
     attempt_row,
     attempts,
     task_row,
@@ -198,7 +199,7 @@ class TrackerStore:
         first (the sweep's work; without attempt histories, which a reply does not need)."""
         query = (
             select(tasks)
-            .where(tasks.c.reply == ReplyState.OWED.value, tasks.c.reply_at <= cutoff)
+            .where(REPLY_OWED, tasks.c.reply_at <= cutoff)
             .order_by(tasks.c.reply_at)
             .limit(limit)
         )

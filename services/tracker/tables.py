@@ -115,10 +115,12 @@ worker_counters = Table(
 # Filter by status or kind, newest first, without a sort.
 Index("ix_tasks_status_seq", tasks.c.status, tasks.c.seq)
 Index("ix_tasks_kind_seq", tasks.c.kind, tasks.c.seq)
+#: The replies still owed. Queries must use this very clause (a literal, not a bound
+#: parameter) for the databases to pick the partial index below.
+REPLY_OWED = text("reply = 'owed'")
 # The reply sweep finds the replies still owed; a partial index holds only those rows,
 # so it costs nothing per task that owes nothing.
-_OWED = text("reply = 'owed'")
-Index("ix_tasks_reply_owed", tasks.c.reply_at, sqlite_where=_OWED, postgresql_where=_OWED)
+Index("ix_tasks_reply_owed", tasks.c.reply_at, sqlite_where=REPLY_OWED, postgresql_where=REPLY_OWED)
 # The watchdog finds a dead worker's open attempts.
 Index("ix_attempts_worker_outcome", attempts.c.worker, attempts.c.outcome)
 
