@@ -203,10 +203,13 @@ def check_payload_size(task: SubmitTask, max_bytes: int) -> None:
         )
 
 
-def submission(task: SubmitTask, message: TaskMessage) -> Submission:
-    """A valid submission with its work message, due time and parents (each once)."""
+def submission(
+    task: SubmitTask, message: TaskMessage, *, intake_key: str | None = None
+) -> Submission:
+    """A valid submission with its work message, due time and parents (each once), and
+    the intake key of an id-less AMQP delivery (see :mod:`leveret.scheduler.intake`)."""
     parents = tuple(dict.fromkeys(task.depends_on or ()))
-    return Submission(message, parents, due_time(task, message.submitted_at))
+    return Submission(message, parents, due_time(task, message.submitted_at), intake_key)
 
 
 def check_graph(subs: Sequence[Submission]) -> None:
@@ -295,7 +298,11 @@ class Admission:
         return await request.future
 
     async def recover(self) -> int:
-        """Dispatch tasks a previous run wrote or released but never saw confirmed."""
+        """Dispatch tasks a previous run wrote or released but never saw confirmed.
+
+        Some were published before the crash (the window is a whole batch publish, not
+        only the gap between the confirm and the "dispatched" mark): those run twice,
+        which at-least-once allows; the tracker records one outcome and one reply."""
         leftovers = await self.store.undispatched()
         for start in range(0, len(leftovers), self.batch_max):
             part = leftovers[start : start + self.batch_max]
@@ -414,7 +421,9 @@ class Admission:
                 else:
                     held.append((s, announced))
             elif old.state == CLAIMED:
-                to_send.append(old.submission)  # claimed by an earlier, interrupted attempt
+                # Claimed by an earlier, interrupted attempt, maybe already published:
+                # it may run twice (at-least-once), never be admitted twice.
+                to_send.append(old.submission)
                 status[task_id] = "pending"
         await self.dispatcher.send(to_send, held)
         await self.store.mark_dispatched(s.id for s in to_send)

@@ -6,17 +6,30 @@ broker. Bad input is never requeued in a loop and never dropped silently: the
 original message goes to the `rejected` queue with the reason in its headers.
 If the store or broker is in trouble, the message stays unacked and admission is
 retried with backoff: back-pressure, not loss.
+
+Redeliveries: a submission whose delivery a crash left unacked comes back. With an
+id (in the body or a valid `message_id`) the store knows it. Without one the
+scheduler made a random id, so the redelivery must be recognised otherwise: each
+id-less submission's row carries its *intake key*, a digest of what the producer
+sent (see :func:`intake_key`), from the claim until its ack is recorded
+(:class:`IntakeKeys`). A redelivered id-less submission takes the task of a row
+with its key, if one is left, instead of making a new one; a first delivery is new
+by definition and costs no lookup.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import re
-from collections.abc import Awaitable, Callable
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 from aio_pika.abc import AbstractIncomingMessage
+from aio_pika.exceptions import ChannelInvalidStateError
 from loguru import logger
 from pydantic import ValidationError
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
@@ -24,6 +37,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_ji
 from leveret.amqp import (
     Outgoing,
     annotated_copy,
+    delivery_count,
     json_message,
     map_broker_errors,
     publish_all,
@@ -37,10 +51,12 @@ from leveret.contracts import (
     POOL_PATTERN,
     REPLY_RESULT,
     CancelTask,
+    SubmitTask,
     TaskError,
     TaskResult,
     new_task_id,
 )
+from leveret.db import map_db_errors
 from leveret.errors import SubmissionError, UnavailableError
 from leveret.scheduler.admission import (
     Admission,
@@ -54,7 +70,7 @@ from leveret.scheduler.admission import (
     unprocessable,
 )
 from leveret.scheduler.cancel import request_cancel
-from leveret.scheduler.store import Submission
+from leveret.scheduler.store import Submission, SubmissionStore
 from leveret.topology import RK_REJECTED, DeclaredTopology, result_routing_key
 
 _ID = re.compile(ID_PATTERN)
@@ -62,6 +78,157 @@ _KIND = re.compile(KIND_PATTERN)
 _POOL = re.compile(POOL_PATTERN)
 
 T = TypeVar("T")
+
+#: Headers the broker adds or changes between deliveries of one message: never part
+#: of what identifies a submission.
+_BROKER_HEADERS = frozenset({"x-delivery-count", "x-death"})
+_BROKER_HEADER_PREFIXES = ("x-first-death-", "x-last-death-")
+
+#: How often acked intake keys are forgotten, and how long after its ack a key is
+#: kept first (an ack written just before a crash may never reach the broker: its
+#: redelivery must still find the task).
+FORGET_EVERY_S = 2.0
+FORGET_AFTER_S = 1.0
+#: Acked keys waiting to be forgotten, at most; beyond it the oldest stay set
+#: (harmless: a key left set costs at most a rare false match).
+FORGET_MAX = 100_000
+
+
+def intake_key(message: AbstractIncomingMessage) -> str:
+    """A SHA-256 of what identifies an AMQP submission's content, the same on every
+    delivery of it: exchange, routing key, body, the properties a producer sets and
+    its headers but the broker's own (`x-delivery-count`, `x-death`, …)."""
+    headers = {k: v for k, v in (message.headers or {}).items() if not _broker_header(k)}
+    parts: tuple[object, ...] = (
+        message.exchange,
+        message.routing_key,
+        message.body,
+        message.message_id,  # an invalid one: no id, yet it tells submissions apart
+        message.correlation_id,
+        message.reply_to,
+        message.timestamp,
+        message.type,
+        message.app_id,
+        message.user_id,
+        message.content_type,
+        message.content_encoding,
+        message.priority,
+        message.expiration,
+        message.delivery_mode,
+        headers,
+    )
+    digest = hashlib.sha256()
+    for part in parts:
+        data = part if isinstance(part, bytes) else _canonical(part).encode()
+        digest.update(len(data).to_bytes(8, "big"))
+        digest.update(data)
+    return digest.hexdigest()
+
+
+def _broker_header(name: str) -> bool:
+    return name in _BROKER_HEADERS or name.startswith(_BROKER_HEADER_PREFIXES)
+
+
+def _canonical(value: object) -> str:
+    """A text form of a decoded AMQP value, the same for equal values (tables sorted)."""
+    if isinstance(value, dict):
+        items = sorted((str(k), _canonical(v)) for k, v in value.items())
+        return "{" + ",".join(f"{k!r}:{v}" for k, v in items) + "}"
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(_canonical(v) for v in value) + "]"
+    return f"{type(value).__name__}:{value!r}"
+
+
+def redelivered(message: AbstractIncomingMessage) -> bool:
+    """Whether the broker delivered this message before (to this or another consumer)."""
+    return bool(message.redelivered) or delivery_count(message) > 0
+
+
+def _channel_open(message: AbstractIncomingMessage) -> bool:
+    try:
+        message.channel  # noqa: B018 - raises once the channel is closed
+    except ChannelInvalidStateError:
+        return False
+    return True
+
+
+class IntakeKeys:
+    """Which task an id-less AMQP delivery is, across its redeliveries.
+
+    A task is *held* by the delivery being admitted as it (its first delivery, or a
+    redelivery that found it); a held task is never given to another delivery with
+    the same key (two byte-identical submissions in flight stay two tasks), unless
+    the holder's channel closed: then the broker requeued that very delivery, and
+    this may be it. Once acked, the task's key is forgotten in the store, lazily.
+    """
+
+    def __init__(
+        self, store: SubmissionStore, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.store = store
+        self.clock = clock
+        self._holders: dict[str, AbstractIncomingMessage] = {}
+        self._acked: deque[tuple[float, str]] = deque()
+        self.rematched = 0  #: redeliveries that found their first delivery's task
+        self.left_set = 0  #: acked keys never forgotten (over the bound, or a store error)
+
+    async def task_of(self, key: str, message: AbstractIncomingMessage) -> str | None:
+        """The task a redelivered id-less submission's first delivery created, now held
+        by `message`; None for a first delivery (no lookup) or when none is left."""
+        if not redelivered(message):
+            return None
+        with map_db_errors():
+            candidates = await self.store.unacked_intake(key)
+        for task_id in candidates:  # no await from here on: the pick and hold are one step
+            holder = self._holders.get(task_id)
+            if holder is None or holder is message or not _channel_open(holder):
+                self.hold(task_id, message)
+                self.rematched += 1
+                return task_id
+        return None
+
+    def hold(self, task_id: str, message: AbstractIncomingMessage) -> None:
+        """`message` is being admitted as `task_id`."""
+        self._holders[task_id] = message
+
+    def done(self, task_id: str, message: AbstractIncomingMessage, *, acked: bool) -> None:
+        """`message` is through: acked (its key is to be forgotten) or back to its queue."""
+        if self._holders.get(task_id) is message:
+            del self._holders[task_id]
+        if acked:
+            self._acked.append((self.clock(), task_id))
+            if len(self._acked) > FORGET_MAX:
+                self._acked.popleft()
+                self.left_set += 1
+
+    @property
+    def pending(self) -> int:
+        """Acked keys not yet forgotten."""
+        return len(self._acked)
+
+    async def forget(self, *, settled_only: bool = True) -> int:
+        """Forget the keys acked at least :data:`FORGET_AFTER_S` ago (all of them with
+        ``settled_only=False``); return how many. A store error only logs: intake
+        never waits for this."""
+        cutoff = self.clock() - FORGET_AFTER_S
+        ids: list[str] = []
+        while self._acked and (not settled_only or self._acked[0][0] <= cutoff):
+            ids.append(self._acked.popleft()[1])
+        if not ids:
+            return 0
+        try:
+            await self.store.forget_intake(ids)
+        except Exception as exc:  # harmless: the keys stay set; never stop the loop
+            self.left_set += len(ids)
+            logger.warning("{} intake keys left set: {}", len(ids), exc)
+            return 0
+        return len(ids)
+
+    async def run(self) -> None:
+        """Forever, every :data:`FORGET_EVERY_S`, forget the keys of settled acks."""
+        while True:
+            await asyncio.sleep(FORGET_EVERY_S)
+            await self.forget()
 
 
 class Intake:
@@ -83,6 +250,7 @@ class Intake:
         self.idle = asyncio.Event()
         self.idle.set()
         self.refused = 0
+        self.keys = IntakeKeys(admission.store)
 
     async def on_message(self, message: AbstractIncomingMessage) -> None:
         """Handle one delivery (aio-pika runs these concurrently)."""
@@ -105,52 +273,90 @@ class Intake:
         if message.type == CANCEL_TYPE:
             await self._cancel(message)
             return
-        reply_to = message.reply_to
+        keyed: str | None = None  # the task an id-less delivery holds (see IntakeKeys)
+        acked = False
         try:
-            held = self._admissible(message)
-            work = held.message
-            answers = await _retrying(lambda: self.admission.submit([held]))
-        except SubmissionError as err:
-            refusal = err
-            await _retrying(lambda: self._refuse(message, refusal))
+            try:
+                task = self._decoded(message)
+                default_id = message.message_id if _valid_id(message.message_id) else None
+                key = None
+                if task.id is None and default_id is None:
+                    key = intake_key(message)
+                    the_key = key
+                    default_id = keyed = await _retrying(
+                        lambda: self.keys.task_of(the_key, message)
+                    )
+                    if keyed is not None:
+                        logger.bind(task_id=keyed).info(
+                            "redelivered submission is task {}, made by its first delivery",
+                            keyed,
+                        )
+                held = self._admissible(message, task, default_id, key)
+                if key is not None:
+                    keyed = held.id
+                    self.keys.hold(keyed, message)
+                answers = await _retrying(lambda: self.admission.submit([held]))
+            except SubmissionError as err:
+                refusal = err
+                await _retrying(lambda: self._refuse(message, refusal))
+                await message.ack()
+                acked = True
+                return
+            await self._answer_duplicate(message, held, answers[0].status)
             await message.ack()
-            return
-        if answers[0].status == "duplicate" and reply_to and not message.redelivered:
-            notice = TaskResult(id=work.id, kind=work.kind, pool=work.pool, status="duplicate")
-            channel = self.declared.channel
-            await send_reply(
-                channel,
-                reply_to,
-                json_message(
-                    notice,
-                    persistent=False,
-                    correlation_id=message.correlation_id or work.id,
-                    type_=REPLY_RESULT,
-                ),
-            )
-            logger.info("task {} submitted again: duplicate of the existing one", work.id)
-        await message.ack()
+            acked = True
+        finally:
+            if keyed is not None:
+                self.keys.done(keyed, message, acked=acked)
 
-    def _admissible(self, message: AbstractIncomingMessage) -> Submission:
-        """The submission in `message`, or a :class:`SubmissionError` saying why not."""
-        try:
+    async def _answer_duplicate(
+        self, message: AbstractIncomingMessage, held: Submission, status: str
+    ) -> None:
+        """Tell the producer its submission named an existing task (never a redelivery's:
+        that is the first delivery's own task)."""
+        reply_to = message.reply_to
+        if status != "duplicate" or not reply_to or redelivered(message):
+            return
+        work = held.message
+        notice = TaskResult(id=work.id, kind=work.kind, pool=work.pool, status="duplicate")
+        await send_reply(
+            self.declared.channel,
+            reply_to,
+            json_message(
+                notice,
+                persistent=False,
+                correlation_id=message.correlation_id or work.id,
+                type_=REPLY_RESULT,
+            ),
+        )
+        logger.info("task {} submitted again: duplicate of the existing one", work.id)
+
+    def _decoded(self, message: AbstractIncomingMessage) -> SubmitTask:
+        """The task in `message`, or a :class:`SubmissionError` saying why not."""
+        with _total(message):
             task = parse_body(message.body, self.max_bytes)
             check_supported(task, self.kinds)
+        return task
+
+    def _admissible(
+        self,
+        message: AbstractIncomingMessage,
+        task: SubmitTask,
+        default_id: str | None,
+        key: str | None,
+    ) -> Submission:
+        """The submission of `task`, or a :class:`SubmissionError` saying why not."""
+        with _total(message):
             pool = message.routing_key or None
             work = envelope(
                 task,
-                default_id=message.message_id if _valid_id(message.message_id) else None,
+                default_id=default_id,
                 default_pool=pool if pool and pool != "#" else None,
                 correlation_id=message.correlation_id,
                 reply_to=message.reply_to,
             )
-            held = submission(task, work)
+            held = submission(task, work, intake_key=key)
             check_graph([held])
-        except SubmissionError:
-            raise
-        except Exception as exc:  # the decoder is meant to be total; refuse, never strand
-            logger.opt(exception=exc).error("submission {} not decodable", message.message_id)
-            raise unprocessable(exc) from exc
         return held
 
     async def _cancel(self, message: AbstractIncomingMessage) -> None:
@@ -207,6 +413,19 @@ class Intake:
             )
         self.refused += 1
         logger.bind(task_id=task_id).info("submission rejected: {}: {}", err.code, err.message)
+
+
+@contextlib.contextmanager
+def _total(message: AbstractIncomingMessage) -> Iterator[None]:
+    """The decoder is meant to be total: anything but a SubmissionError is a bug, and
+    refused (`unprocessable`), never a stranded message."""
+    try:
+        yield
+    except SubmissionError:
+        raise
+    except Exception as exc:
+        logger.opt(exception=exc).error("submission {} not decodable", message.message_id)
+        raise unprocessable(exc) from exc
 
 
 def _valid_id(value: str | None) -> bool:

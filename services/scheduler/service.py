@@ -68,6 +68,7 @@ async def run(
                 group.create_task(releaser.run(), name="releaser"),
                 group.create_task(resolver.run(), name="resolver"),
                 group.create_task(outcomes.run(), name="outcomes"),
+                group.create_task(intake.keys.run(), name="intake-keys"),
             ]
             await outcomes.start(connection)
             kinds_channel = await _watch_kinds(connection, settings, kinds, store)
@@ -103,9 +104,14 @@ async def run(
             await outcomes.stop()
             for task in holders:
                 task.cancel()
+        intake_closed = False
         for open_ in (kinds_channel, intake_channel, channel):
             with contextlib.suppress(*BROKER_EXCEPTIONS):
                 await open_.close()
+                intake_closed |= open_ is intake_channel
+        # The intake channel's close-ok follows every ack written on it: its keys can go
+        # (else the flusher's rule holds: the last second of acks keeps its keys).
+        await intake.keys.forget(settled_only=not intake_closed)
     finally:
         await connection.close()
         await store.close()

@@ -14,6 +14,8 @@ A row is written (committed) before its work message is published and marked
 dispatched once the broker confirmed it; a `claimed` or `releasing` row left by
 a crash is dispatched again at the next start, a `failing` one has its result
 published again. A dispatched row makes a resubmission of the same id a duplicate.
+An AMQP submission without an id carries an `intake_key` (a digest of its delivery)
+until its ack is recorded: a redelivery after a crash finds its task by that key.
 Outcomes of tasks (`outcome`, `error_type`) are recorded from the results
 exchange: the first terminal one counts. `edges` says which task waits for which.
 """
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -57,6 +59,8 @@ class Submission:
     message: TaskMessage
     depends_on: tuple[str, ...] = ()
     run_at: datetime | None = None
+    #: Written with a new row only (see :meth:`SubmissionStore.unacked_intake`); not read back.
+    intake_key: str | None = field(default=None, compare=False, repr=False)
 
     @property
     def id(self) -> str:
@@ -162,6 +166,7 @@ class SubmissionStore:
                             "created_at": now,
                             "run_at": s.run_at,
                             "depends_on": json.dumps(list(s.depends_on)) if s.depends_on else None,
+                            "intake_key": s.intake_key,
                         }
                         for s, state in fresh
                     ],
@@ -186,6 +191,32 @@ class SubmissionStore:
             for row in await conn.execute(select(*_ROW).where(submissions.c.id.in_(part))):
                 found[row.id] = Existing(row.id, row.state, _submission(row))
         return found
+
+    async def unacked_intake(self, key: str, limit: int = 64) -> list[str]:
+        """The tasks, oldest first, written for an id-less AMQP submission with this intake
+        key whose ack has not been recorded (see :meth:`forget_intake`)."""
+        query = (
+            select(submissions.c.id)
+            .where(submissions.c.intake_key == key)
+            .order_by(submissions.c.created_at, submissions.c.id)
+            .limit(limit)
+        )
+        async with self.engine.connect() as conn:
+            return list(await conn.scalars(query))
+
+    async def forget_intake(self, ids: Iterable[str]) -> None:
+        """Record that these tasks' intake deliveries were acked: a redelivery can no
+        longer be theirs, so their intake keys go (one transaction)."""
+        id_list = sorted(set(ids))
+        if not id_list:
+            return
+        async with self.engine.begin() as conn:
+            for part in _chunks(id_list):
+                await conn.execute(
+                    update(submissions)
+                    .where(submissions.c.id.in_(part), submissions.c.intake_key.is_not(None))
+                    .values(intake_key=None)
+                )
 
     async def mark(self, ids: Iterable[str], state: str) -> None:
         """Move these rows to `state` (dispatched once confirmed; ended once published)."""

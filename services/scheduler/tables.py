@@ -28,9 +28,19 @@ submissions = Table(
     Column("outcome", String(16)),  # the first terminal status heard of
     Column("error_type", String(200)),
     Column("error_message", Text),  # why a task ended without running (dependency)
+    # An AMQP submission without an id: a digest of its delivery, kept until its ack is
+    # recorded, so a redelivery after a crash finds the task its first delivery made.
+    Column("intake_key", String(64)),
 )
 # The releaser's query: delayed rows by due time.
 Index("ix_submissions_state_run_at", submissions.c.state, submissions.c.run_at)
+# A redelivery's lookup; partial: rows with an id (nearly all) cost no index entry.
+Index(
+    "ix_submissions_intake_key",
+    submissions.c.intake_key,
+    postgresql_where=submissions.c.intake_key.is_not(None),
+    sqlite_where=submissions.c.intake_key.is_not(None),
+)
 
 edges = Table(
     "edges",
