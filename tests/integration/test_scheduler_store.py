@@ -1,6 +1,7 @@
 """The scheduler's store on SQLite and on PostgreSQL (no broker needed): accepted ids
-(idempotency), the tasks it holds (delayed until due, blocked until their parents
-end), the kinds it knows, an old database brought up to date, and two replicas
+(idempotency), the intake keys of AMQP submissions without an id (a redelivery
+finds its first task), the tasks it holds (delayed until due, blocked until their
+parents end), the kinds it knows, an old database brought up to date, and two replicas
 sharing PostgreSQL never taking the same row twice.
 """
 
@@ -45,11 +46,12 @@ def sub(
     run_at: datetime | None = None,
     depends_on: tuple[str, ...] = (),
     payload: object = None,
+    intake_key: str | None = None,
 ) -> Submission:
     message = TaskMessage(
         id=task_id, kind="echo", payload=payload, submitted_at=at(0), priority=7, requires=["gpu"]
     )
-    return Submission(message, depends_on, run_at)
+    return Submission(message, depends_on, run_at, intake_key)
 
 
 def is_utc(moment: datetime | None, expected: datetime) -> bool:
@@ -77,6 +79,34 @@ async def test_an_id_is_accepted_once(store: SubmissionStore) -> None:
     await store.mark_dispatched(["t2", "t3"])
     assert await store.undispatched() == []
     assert await store.lookup(["t1", "never"]) == {"t1": ParentOutcome(None)}
+
+
+K1, K2 = "1" * 64, "2" * 64  # intake keys (SHA-256, hex)
+
+
+async def test_an_id_less_submission_is_found_by_its_intake_key_until_acked(
+    store: SubmissionStore,
+) -> None:
+    """A redelivered submission without an id finds the task(s) its key was written with,
+    oldest first, until their acks are recorded; a row with an id has no key."""
+    await store.claim([(sub("a", intake_key=K1), CLAIMED), (sub("with-id"), CLAIMED)])
+    await store.claim([(sub("b", intake_key=K1), DELAYED), (sub("c", intake_key=K2), BLOCKED)])
+    assert await store.unacked_intake(K1) == ["a", "b"]
+    assert await store.unacked_intake(K2) == ["c"]
+    assert await store.unacked_intake("0" * 64) == []
+    # Claimed again (the redelivery, under the id it found): the first row stays as it was.
+    again = await store.claim([(sub("a", intake_key=K2, payload="other"), CLAIMED)])
+    assert again["a"].submission == sub("a")  # the key is not part of the submission
+    assert await store.unacked_intake(K2) == ["c"]
+    await store.forget_intake(["a", "with-id", "never"])
+    await store.forget_intake([])
+    assert await store.unacked_intake(K1) == ["b"]
+    assert sorted(s.id for s in await store.undispatched()) == ["a", "with-id"]  # nothing moved
+    ids = [f"k{i:04d}" for i in range(1200)]  # past the parameter chunks
+    await store.claim([(sub(i, intake_key=K2), CLAIMED) for i in ids])
+    assert len(await store.unacked_intake(K2, limit=2000)) == 1201
+    await store.forget_intake([*ids, "c"])
+    assert await store.unacked_intake(K2) == []
 
 
 async def test_a_delayed_task_is_taken_once_when_due(store: SubmissionStore) -> None:
@@ -220,7 +250,10 @@ async def test_a_first_version_database_is_brought_up_to_date(database_url: str)
             indexes = await conn.run_sync(
                 lambda c: {i["name"] for i in inspect(c).get_indexes("submissions")}
             )
-        assert "ix_submissions_state_run_at" in indexes
+        assert {"ix_submissions_state_run_at", "ix_submissions_intake_key"} <= indexes
+        # An old row has no intake key; a new one keeps the one it was written with.
+        await store.claim([(sub("new-keyed", intake_key=K1), CLAIMED)])
+        assert await store.unacked_intake(K1) == ["new-keyed"]
     finally:
         await store.close()
 

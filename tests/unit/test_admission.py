@@ -1,10 +1,18 @@
-"""Submission parsing and validation (pure logic, no broker)."""
+"""Submission parsing and validation, and the intake key of a submission without an id
+(pure logic, no broker)."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import Any
 
 import pytest
+from aio_pika.message import IncomingMessage
+from aiormq.abc import DeliveredMessage
+from pamqp import commands as spec
+from pamqp.header import ContentHeader
 
 from leveret.contracts import SubmitTask
 from leveret.errors import SubmissionError
@@ -15,6 +23,7 @@ from leveret.scheduler.admission import (
     envelope,
     parse_body,
 )
+from leveret.scheduler.intake import FORGET_AFTER_S, IntakeKeys, intake_key, redelivered
 
 
 @pytest.mark.parametrize(
@@ -84,3 +93,195 @@ def test_payload_size_of_batch_items() -> None:
     check_payload_size(SubmitTask(kind="echo", payload="x" * 10), len(json.dumps("x" * 10)))
     with pytest.raises(SubmissionError):
         check_payload_size(SubmitTask(kind="echo", payload="x" * 11), len(json.dumps("x" * 10)))
+
+
+# The intake key: what a redelivered AMQP submission without an id is recognised by.
+
+
+class FakeChannel:
+    """An aiormq channel as an incoming message sees it: open or closed."""
+
+    is_closed = False
+
+
+def delivery(
+    body: bytes = b'{"kind": "echo"}',
+    *,
+    redelivered: bool = False,
+    routing_key: str = "default",
+    tag: int = 1,
+    channel: FakeChannel | None = None,
+    **properties: Any,
+) -> IncomingMessage:
+    """A delivery from the intake queue, decoded by aio-pika as the scheduler gets it."""
+    header = ContentHeader(body_size=len(body), properties=spec.Basic.Properties(**properties))
+    deliver = spec.Basic.Deliver(
+        consumer_tag=f"ctag-{tag}",
+        delivery_tag=tag,
+        redelivered=redelivered,
+        exchange="ns.submit",
+        routing_key=routing_key,
+    )
+    open_or_closed: Any = channel or FakeChannel()
+    return IncomingMessage(DeliveredMessage(deliver, header, body, open_or_closed))
+
+
+SENT = {
+    "correlation_id": "c1",
+    "reply_to": "amq.gen-abc",
+    "timestamp": datetime(2024, 5, 1, 12, tzinfo=UTC),
+    "message_type": "submit",
+    "app_id": "producer",
+    "user_id": "guest",
+    "headers": {"trace": "t-1", "tags": ["a", {"b": 2}]},
+}
+
+
+def test_an_intake_key_is_the_same_on_every_delivery() -> None:
+    first = delivery(**SENT)
+    broker_headers = {
+        **SENT["headers"],
+        "x-delivery-count": 3,
+        "x-death": [{"count": 1, "queue": "ns.intake"}],
+        "x-first-death-queue": "ns.intake",
+        "x-last-death-reason": "rejected",
+    }
+    again = delivery(redelivered=True, tag=9, **(SENT | {"headers": broker_headers}))
+    assert intake_key(first) == intake_key(again)
+    assert len(intake_key(first)) == 64  # SHA-256, hex: the column's width
+    reordered = dict(reversed(list(SENT["headers"].items())))
+    assert intake_key(delivery(**(SENT | {"headers": reordered}))) == intake_key(first)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"body": b'{"kind": "echo", "payload": 1}'},
+        {"routing_key": "gpu"},
+        {"correlation_id": "c2"},
+        {"reply_to": "elsewhere"},
+        {"timestamp": datetime(2024, 5, 1, 13, tzinfo=UTC)},
+        {"message_type": "other"},
+        {"app_id": "another"},
+        {"user_id": "admin"},
+        {"message_id": "not a valid id"},
+        {"headers": {"trace": "t-2", "tags": ["a", {"b": 2}]}},
+        {"headers": {"trace": "t-1", "tags": ["a", {"b": "2"}]}},  # a value's type counts
+    ],
+)
+def test_an_intake_key_tells_submissions_apart(change: dict[str, Any]) -> None:
+    assert intake_key(delivery(**(SENT | change))) != intake_key(delivery(**SENT))
+
+
+def test_intake_key_fields_do_not_run_into_each_other() -> None:
+    one = delivery(b"ab", correlation_id="c")
+    other = delivery(b"a", correlation_id="bc")
+    assert intake_key(one) != intake_key(other)
+
+
+def test_a_redelivery_is_told_by_the_flag_or_the_delivery_count() -> None:
+    assert not redelivered(delivery())
+    assert not redelivered(delivery(headers={"x-delivery-count": 0}))
+    assert redelivered(delivery(redelivered=True))
+    assert redelivered(delivery(headers={"x-delivery-count": 1}))
+
+
+class FakeKeyStore:
+    """The two store calls IntakeKeys makes, in memory."""
+
+    def __init__(self, rows: dict[str, str] | None = None) -> None:
+        self.rows = dict(rows or {})  # task id -> intake key, oldest first
+        self.lookups = 0
+        self.fail = False
+
+    async def unacked_intake(self, key: str, limit: int = 64) -> list[str]:
+        self.lookups += 1
+        return [task for task, k in self.rows.items() if k == key][:limit]
+
+    async def forget_intake(self, ids: Iterable[str]) -> None:
+        if self.fail:
+            raise OSError("database gone")
+        for task in ids:
+            self.rows.pop(task, None)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def keys_on(store: FakeKeyStore, clock: Clock | None = None) -> IntakeKeys:
+    return IntakeKeys(store, clock=clock or Clock())  # type: ignore[arg-type]
+
+
+async def test_a_first_delivery_costs_no_lookup() -> None:
+    store = FakeKeyStore({"t1": "k"})
+    assert await keys_on(store).task_of("k", delivery()) is None
+    assert store.lookups == 0
+
+
+async def test_a_redelivery_takes_a_task_no_live_delivery_holds() -> None:
+    store = FakeKeyStore({"old": "k", "mine": "k", "other": "x"})
+    keys = keys_on(store)
+    live = delivery(tag=1)
+    keys.hold("mine", live)  # a first delivery of a twin, being admitted now
+    keys.hold("old", live)
+    assert await keys.task_of("k", delivery(redelivered=True, tag=2)) is None
+    keys.done("old", live, acked=False)  # back to its queue: free again
+    second = delivery(redelivered=True, tag=3)
+    assert await keys.task_of("k", second) == "old"
+    assert await keys.task_of("k", delivery(redelivered=True, tag=4)) is None  # held now
+    assert await keys.task_of("k", second) == "old"  # its own holder asks again
+    assert keys.rematched == 2
+
+
+async def test_a_task_held_on_a_closed_channel_goes_to_its_redelivery() -> None:
+    """The channel closed under a delivery still being admitted: the broker requeued it,
+    and the redelivery (on the restored channel) may arrive first."""
+    channel = FakeChannel()
+    store = FakeKeyStore({"t1": "k"})
+    keys = keys_on(store)
+    old = delivery(tag=1, channel=channel)
+    keys.hold("t1", old)
+    channel.is_closed = True
+    new = delivery(redelivered=True, tag=1)
+    assert await keys.task_of("k", new) == "t1"
+    keys.done("t1", old, acked=False)  # the old handler ends: the new holder stays
+    assert await keys.task_of("k", delivery(redelivered=True, tag=2)) is None
+
+
+async def test_acked_keys_are_forgotten_once_settled() -> None:
+    clock = Clock()
+    store = FakeKeyStore({"t1": "k", "t2": "k", "t3": "k"})
+    keys = keys_on(store, clock)
+    for task in ("t1", "t2"):
+        message = delivery(tag=len(task))
+        keys.hold(task, message)
+        keys.done(task, message, acked=True)
+    clock.now += FORGET_AFTER_S / 2
+    keys.done("t3", delivery(tag=3), acked=True)
+    assert await keys.forget() == 0  # an ack this fresh may still be lost with a crash
+    clock.now += FORGET_AFTER_S / 2
+    assert await keys.forget() == 2
+    assert store.rows == {"t3": "k"}
+    assert keys.pending == 1
+    assert await keys.forget(settled_only=False) == 1  # a graceful stop: every ack arrived
+    assert store.rows == {}
+
+
+async def test_forgetting_never_fails_and_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = Clock()
+    store = FakeKeyStore({"t1": "k"})
+    keys = keys_on(store, clock)
+    store.fail = True
+    keys.done("t1", delivery(), acked=True)
+    clock.now += FORGET_AFTER_S
+    assert await keys.forget() == 0  # logged and dropped: the key stays set
+    assert (keys.left_set, keys.pending, store.rows) == (1, 0, {"t1": "k"})
+    monkeypatch.setattr("leveret.scheduler.intake.FORGET_MAX", 3)
+    for n in range(5):
+        keys.done(f"x{n}", delivery(), acked=True)
+    assert (keys.pending, keys.left_set) == (3, 3)
