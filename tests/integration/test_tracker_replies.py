@@ -1,6 +1,7 @@
 """The tracker answers `reply_to`: one terminal reply per task, for the outcome it records,
 against a real broker, with the tracker service running in-process on SQLite and on
-PostgreSQL. Each test declares its own exclusive reply queue, as a producer would.
+PostgreSQL, and end to end with real service processes. Each test declares its own
+exclusive reply queue, as a producer would.
 
 "Exactly one" is checked with a marker: a later task whose reply goes through the same
 path. Replies leave the tracker in the order it records outcomes (a batch's replies are
@@ -13,6 +14,7 @@ Skipped when no broker answers, unless ``CI`` is set (then it fails).
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -21,10 +23,11 @@ from typing import Any
 import aio_pika
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractQueue, AbstractRobustConnection
-from helpers import report
+from helpers import TrackerApi, report
 from test_tracker_service import Tracker, free_port, running, task_result
 
 from leveret.amqp import json_message, open_channel
+from leveret.cli.procs import Cluster
 from leveret.contracts import (
     REPLY_RESULT,
     AcceptedTask,
@@ -304,3 +307,47 @@ async def test_a_reply_owed_when_the_tracker_died_is_sent_by_the_next_one(
         )
     finally:
         await store.close()
+
+
+async def test_a_task_the_scheduler_ends_is_replied_by_the_tracker(
+    cluster: Cluster, amqp_url: str
+) -> None:
+    """Real processes: a child whose parent failed never runs; the scheduler publishes its
+    end, and the producer's reply comes from the tracker (it carries the tracker's
+    ``message_id``), once, after the tracker recorded the outcome."""
+    cluster.start_tracker()
+    cluster.start_scheduler()
+    cluster.start_worker("w1", "--concurrency", "2")
+    parent, child = (f"{n}-{uuid.uuid4().hex[:6]}" for n in ("parent", "child"))
+    connection = await aio_pika.connect_robust(
+        amqp_url, client_properties={"connection_name": f"test-producer-{child}"}
+    )
+    api = TrackerApi(cluster.tracker_url)
+    try:
+        channel = await open_channel(connection)
+        replies = Replies(await channel.declare_queue(exclusive=True, auto_delete=True))
+        submit = await channel.get_exchange(f"{cluster.namespace}.submit")
+        bodies = [
+            ({"id": parent, "kind": "fail", "payload": "no", "max_retries": 0}, None),
+            ({"id": child, "kind": "echo", "payload": 1, "depends_on": [parent]}, "corr-child"),
+        ]
+        for body, corr in bodies:
+            message = json_message(
+                json.dumps(body).encode(),
+                correlation_id=corr,
+                reply_to=replies.address if corr else None,
+            )
+            await submit.publish(message, "default")
+
+        reply = await replies.wait_for(child)
+        assert (reply.status, reply.error and reply.error.type) == ("failed", "dependency_failed")
+        [message] = [m for m in replies.seen if m.message_id == f"{child}:result"]
+        assert (message.correlation_id, message.type) == ("corr-child", REPLY_RESULT)
+        recorded = await api.reach(child, "failed")
+        assert recorded["attempts"] == []  # it never ran
+        await asyncio.to_thread(cluster.stop_all, 15)  # what the tracker held is sent
+        await replies.drain()
+        assert len(replies.about(child)) == 1
+    finally:
+        await api.close()
+        await connection.close()
