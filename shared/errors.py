@@ -13,6 +13,7 @@ SQLAlchemy and the database drivers by :func:`leveret.db.map_db_errors`.
     ├── StoreError             the database refused a statement (retrying will not help)
     ├── SubmissionError        a submission is invalid; carries an HTTP status and a code
     └── TaskFailed             raised by a handler to fail its task with a chosen type
+        └── BlockedEventLoop   raised inside an async handler that blocks the worker's loop
 """
 
 from __future__ import annotations
@@ -64,7 +65,19 @@ class TaskFailed(LeveretError):
         self.type = type
 
 
+class BlockedEventLoop(TaskFailed):
+    """Raised *inside* an async handler that blocked the worker's event loop (a blocking
+    call in ``async def``), by the worker's loop monitor (``leveret.worker.loopwatch``):
+    its attempt fails with type ``blocked_event_loop`` instead of the worker being fenced."""
+
+    TYPE = "blocked_event_loop"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, type=self.TYPE)
+
+
 __all__ = [
+    "BlockedEventLoop",
     "BrokerError",
     "ConfigError",
     "LeveretError",

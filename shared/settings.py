@@ -18,6 +18,8 @@ from leveret.topology import DEFAULT_NAMESPACE, Topology
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 MIB = 1024 * 1024
+#: The shortest loop-block limit a worker accepts (besides 0, off).
+MIN_LOOP_BLOCK_LIMIT_S = 0.1
 
 
 def default_data_dir() -> Path:
@@ -136,7 +138,23 @@ class WorkerSettings(CommonSettings):
         description="Cluster-wide kind limits, `kind:running=N,rate=R`, `;`-separated in env.",
     )
 
+    loop_block_limit_s: float = Field(
+        default=1.0,
+        ge=0,
+        description="How long the event loop may stay blocked (an async handler calling "
+        "blocking code) before the worker fails that attempt with `blocked_event_loop`; "
+        "0 disables the check. Keep it well under the tracker's heartbeat timeout.",
+    )
+
     _split_handlers = field_validator("handlers", "capabilities", mode="before")(_split_csv)
+
+    @field_validator("loop_block_limit_s")
+    @classmethod
+    def _sensible_block_limit(cls, value: float) -> float:
+        # Below this, ordinary scheduling hiccups would look like a blocked loop.
+        if 0 < value < MIN_LOOP_BLOCK_LIMIT_S:
+            raise ValueError(f"must be 0 (off) or at least {MIN_LOOP_BLOCK_LIMIT_S} s")
+        return value
 
     @field_validator("limits", mode="before")
     @classmethod

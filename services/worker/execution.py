@@ -2,7 +2,9 @@
 
 Async handlers run on the event loop and are cancelled on timeout; sync handlers
 run in a killable child process (see :mod:`leveret.worker.isolation`), so a
-timeout always ends the attempt. Nothing here touches the broker.
+timeout always ends the attempt. An async handler that blocks the loop is
+interrupted by the worker's loop monitor with :class:`~leveret.errors.BlockedEventLoop`,
+a ``TaskFailed``: its attempt fails like any other. Nothing here touches the broker.
 """
 
 from __future__ import annotations
@@ -19,13 +21,18 @@ from loguru import logger
 from pydantic import JsonValue
 
 from leveret.contracts import TaskError, TaskMessage, TaskStatus
-from leveret.errors import TaskFailed
+from leveret.errors import BlockedEventLoop, TaskFailed
 from leveret.handlers import Handler, Registry, TaskContext
 from leveret.topology import RETRY_STEPS_S
 from leveret.worker.isolation import CallTimedOut, HandlerCrashed, ProcessPool
 
-#: Failures that another attempt cannot fix.
-NOT_RETRIED = frozenset({"unknown_kind", "bad_payload", "shell_disabled", "result_not_json"})
+#: Failures that another attempt cannot fix, or must not try to: an async handler that
+#: blocks the event loop (`blocked_event_loop`) stalls every task and the heartbeats of
+#: the worker it runs on (see :mod:`leveret.worker.loopwatch`), so each retry would
+#: spread that harm to another worker's whole load; it fails once, saying why.
+NOT_RETRIED = frozenset(
+    {"unknown_kind", "bad_payload", "shell_disabled", "result_not_json", BlockedEventLoop.TYPE}
+)
 
 
 @dataclass(frozen=True)
@@ -52,8 +59,10 @@ def retry_delay_s(
 ) -> tuple[int, float] | None:
     """``(step, delay)`` if this failed attempt is retried, else None.
 
-    Exponential backoff with jitter: the delay is drawn from [step/2, step]; the
-    message waits in that step's TTL queue (its per-message expiration is the
+    The budget counts attempts that ended on this task's account: `attempt` less
+    those a worker handed back on a graceful stop (`task.returned`), which spend no
+    retry. Exponential backoff with jitter: the delay is drawn from [step/2, step];
+    the message waits in that step's TTL queue (its per-message expiration is the
     delay, and the queue's TTL, the step, bounds it).
     """
     if outcome.status != TaskStatus.FAILED or outcome.error is None:
@@ -62,9 +71,10 @@ def retry_delay_s(
         return None
     default = handler.max_retries if handler is not None else 0
     allowed = task.max_retries if task.max_retries is not None else default
-    if attempt > allowed:
+    spent = attempt - task.returned
+    if spent > allowed:
         return None
-    step = backoff_step_s(attempt)
+    step = backoff_step_s(spent)
     return step, round(step * rng.uniform(0.5, 1.0), 3)
 
 

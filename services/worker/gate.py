@@ -53,7 +53,9 @@ class BandGate:
         except asyncio.CancelledError:
             if future.done() and not future.cancelled():
                 self.leave()  # the slot was handed over just as we were cancelled
-            else:
+            elif future in self._waiting[band]:
+                # Not there when leave() ran between the cancel and now: it pops a
+                # cancelled waiter and skips it, so there is nothing left to remove.
                 self._waiting[band].remove(future)
             raise
 

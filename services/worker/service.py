@@ -7,6 +7,7 @@ import asyncio
 from leveret.handlers import Registry
 from leveret.runtime import run_service
 from leveret.settings import WorkerSettings
+from leveret.worker.loopwatch import LoopMonitor
 from leveret.worker.runner import Worker
 
 
@@ -21,8 +22,17 @@ def build_registry(settings: WorkerSettings) -> Registry:
 async def run(
     settings: WorkerSettings, stop: asyncio.Event, *, ready: asyncio.Event | None = None
 ) -> None:
-    """Run one worker until `stop` is set."""
-    await Worker(settings, build_registry(settings)).run(stop, ready=ready)
+    """Run one worker until `stop` is set, with a monitor that interrupts an async
+    handler blocking the event loop (started once the handler modules are imported,
+    which may take a while on the loop; a daemon thread, so it never holds the
+    process)."""
+    worker = Worker(settings, build_registry(settings))
+    monitor = LoopMonitor(settings.loop_block_limit_s, blocker=worker.attempt_of)
+    monitor.start()
+    try:
+        await worker.run(stop, ready=ready)
+    finally:
+        monitor.stop()
 
 
 def main(settings: WorkerSettings) -> None:

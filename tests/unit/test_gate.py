@@ -58,3 +58,18 @@ async def test_cancelled_waiter_gives_nothing_away() -> None:
     assert gate.waiting() == 0
     gate.leave()
     assert gate.free == 1
+
+
+async def test_waiter_cancelled_after_leave_skipped_it() -> None:
+    """A waiter cancelled, then skipped by leave() before it ran again, still ends with
+    CancelledError (not ValueError from removing it twice), so its delivery goes back."""
+    gate = BandGate(1)
+    await gate.enter(Band.NORMAL)
+    waiter = asyncio.create_task(gate.enter(Band.LOW))
+    await asyncio.sleep(0)  # the waiter now waits for a slot
+    waiter.cancel()  # cancels its future at once; the waiter itself runs later
+    gate.leave()  # pops the cancelled future, skips it, and frees the slot
+    [outcome] = await asyncio.gather(waiter, return_exceptions=True)
+    assert isinstance(outcome, asyncio.CancelledError)
+    assert gate.waiting() == 0
+    assert gate.free == 1
