@@ -1,22 +1,28 @@
 """The chaos run: 2000 tasks on 4 workers while one worker is SIGKILLed, another is
 frozen (SIGSTOP) past the heartbeat timeout and later woken, and the tracker is
-SIGKILLed and restarted. Every task must end `completed` exactly once."""
+SIGKILLed and restarted. Every task must end `completed` exactly once, and every
+producer must get exactly one terminal reply."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import random
 import signal
 import statistics
+from collections import Counter
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import aio_pika
 import httpx
 import pytest
 from helpers import TrackerApi, eventually, ready_messages, report
 
+from leveret.amqp import connect
 from leveret.cli.procs import Cluster
+from leveret.contracts import REPLY_RESULT
 
 pytestmark = [pytest.mark.broker, pytest.mark.chaos]
 
@@ -45,6 +51,40 @@ def describe(starts: list[datetime], since: datetime) -> str:
     )
 
 
+async def _submit_with_replies(
+    url: str, namespace: str, tasks: list[dict[str, Any]], replies: Counter[str]
+) -> aio_pika.abc.AbstractConnection:
+    """Publish every task (confirmed) with its own correlation id and a `reply_to`
+    queue of the test's; count the terminal replies per correlation id as they come.
+    Returns the connection (closing it ends the count)."""
+    connection = await connect(url, f"test-producer-{namespace}")
+    channel = await connection.channel()
+    inbox = await channel.declare_queue(exclusive=True)
+
+    async def on_reply(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        if message.type == REPLY_RESULT and message.correlation_id:
+            replies[message.correlation_id] += 1
+
+    await inbox.consume(on_reply, no_ack=True)
+    exchange = await channel.get_exchange(f"{namespace}.submit")
+    for start in range(0, len(tasks), 500):
+        await asyncio.gather(
+            *(
+                exchange.publish(
+                    aio_pika.Message(
+                        json.dumps(task).encode(),
+                        correlation_id=f"c{start + i}",
+                        reply_to=inbox.name,
+                        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                    ),
+                    "default",
+                )
+                for i, task in enumerate(tasks[start : start + 500])
+            )
+        )
+    return connection
+
+
 async def test_nothing_lost_or_recorded_twice_under_chaos(cluster: Cluster) -> None:
     cluster.extra_env["LEVERET_HEARTBEAT_TIMEOUT_S"] = str(HEARTBEAT_TIMEOUT_S)
     cluster.start_tracker()
@@ -60,10 +100,8 @@ async def test_nothing_lost_or_recorded_twice_under_chaos(cluster: Cluster) -> N
         else {"kind": "sleep", "payload": round(rng.uniform(0.05, 0.5), 3)}
         for i in range(TASKS)
     ]
-    async with httpx.AsyncClient(base_url=cluster.scheduler_url, timeout=60) as http:
-        for start in range(0, TASKS, 500):
-            r = await http.post("/tasks/batch", json={"tasks": tasks[start : start + 500]})
-            assert r.status_code == 202, r.text
+    replies: Counter[str] = Counter()
+    producer = await _submit_with_replies(cluster.amqp_url, cluster.namespace, tasks, replies)
 
     async def completed_at_least(n: int) -> bool:
         try:
@@ -116,20 +154,30 @@ async def test_nothing_lost_or_recorded_twice_under_chaos(cluster: Cluster) -> N
         return counts["completed"] + counts["failed"] >= TASKS
 
     await eventually(all_done, 180, f"{TASKS} tasks to finish", interval_s=0.25)
+
+    async def every_producer_answered() -> bool:
+        return len(replies) >= TASKS
+
+    await eventually(every_producer_answered, 30, f"{TASKS} producers to get a reply")
     listed = await api.all_tasks()
     recorded = await api.tasks_in_full([t["id"] for t in listed])
     stats = await api.stats()
     w2 = next(w for w in await api.workers() if w["id"] == "w2")
     await api.close()
+    await producer.close()
 
     assert len(recorded) == TASKS
     assert len({t["id"] for t in recorded}) == TASKS
     assert stats["counts"]["completed"] == TASKS, stats["counts"]
     assert all(t["status"] == "completed" for t in recorded)
+    # Every producer got exactly one terminal reply, though some tasks ran twice.
+    doubled = {c: n for c, n in replies.items() if n != 1}
+    assert not doubled, f"{len(doubled)} producers got more than one reply: {doubled}"
+    assert len(replies) == TASKS
     # A result of an attempt the tracker wrote off never became the task's result.
     for t in recorded:
         for a in t["attempts"]:
-            if a.get("outcome") == "lost":
+            if a.get("outcome") in ("lost", "fenced"):
                 assert a["attempt"] != t["attempt"], t
     ran_twice = sum(1 for t in recorded if t["attempt"] > 1 or len(t["attempts"]) > 1)
     crash = reassigned_starts(recorded, "w1")
