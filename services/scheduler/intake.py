@@ -278,19 +278,8 @@ class Intake:
         try:
             try:
                 task = self._decoded(message)
-                default_id = message.message_id if _valid_id(message.message_id) else None
-                key = None
-                if task.id is None and default_id is None:
-                    key = intake_key(message)
-                    the_key = key
-                    default_id = keyed = await _retrying(
-                        lambda: self.keys.task_of(the_key, message)
-                    )
-                    if keyed is not None:
-                        logger.bind(task_id=keyed).info(
-                            "redelivered submission is task {}, made by its first delivery",
-                            keyed,
-                        )
+                default_id, key = await self._identity(message, task)
+                keyed = default_id if key is not None else None  # held if a redelivery's
                 held = self._admissible(message, task, default_id, key)
                 if key is not None:
                     keyed = held.id
@@ -308,6 +297,24 @@ class Intake:
         finally:
             if keyed is not None:
                 self.keys.done(keyed, message, acked=acked)
+
+    async def _identity(
+        self, message: AbstractIncomingMessage, task: SubmitTask
+    ) -> tuple[str | None, str | None]:
+        """(default id, intake key): a valid `message_id` is the id of a task whose body
+        names none; without either, the intake key, and the task a redelivery of this
+        submission already is (now held by `message`), if any."""
+        if task.id is not None:
+            return None, None
+        if _valid_id(message.message_id):
+            return message.message_id, None
+        key = intake_key(message)
+        found = await _retrying(lambda: self.keys.task_of(key, message))
+        if found is not None:
+            logger.bind(task_id=found).info(
+                "redelivered submission is task {}, made by its first delivery", found
+            )
+        return found, key
 
     async def _answer_duplicate(
         self, message: AbstractIncomingMessage, held: Submission, status: str
