@@ -123,7 +123,7 @@ async def _trial(
     assert (dead_at - _at(dead["last_seen"])).total_seconds() >= HEARTBEAT_TIMEOUT_S, dead
     assert dead_at > hit_at, (hit_at, dead)
     assert started >= dead_at, (state, dead)
-    assert attempts[1]["outcome"] == "lost", state
+    assert attempts[1]["outcome"] == "fenced", state
     return Trial(reassigned_s, (dead_at - hit_at).total_seconds())
 
 
