@@ -26,6 +26,7 @@ def handlers_cluster(cluster: Cluster) -> Cluster:
     cluster.extra_env["PYTHONPATH"] = os.pathsep.join(
         p for p in (TESTS_DIR, os.environ.get("PYTHONPATH")) if p
     )
+    cluster.start_tracker()  # it sends the terminal replies the client waits for
     cluster.start_scheduler()
     cluster.start_worker("hw", "--concurrency", "2", "--handlers", "sample_handlers")
     return cluster
