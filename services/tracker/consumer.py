@@ -3,10 +3,11 @@
 Ack timing: a batch is acked (one ``ack(multiple=True)`` per channel) only after
 the store committed it and, when it held results, after the broker confirmed the
 `tasks.ended` event that tells the scheduler those outcomes (unconfirmed: the
-batch goes back to the queue, is applied again as a no-op, and told), and after
-the replies the batch left owed to producers were sent, confirmed and marked sent
-(at the same time as the event; an unconfirmed reply stays owed for the sweep, see
-:mod:`leveret.tracker.replies`). A batch that owes no reply costs nothing more. A message
+batch goes back to the queue, is applied again as a no-op, and told); the
+replies the batch left owed to producers are published just before the ack, with
+nothing awaited between them, and marked sent after it (see
+:mod:`leveret.tracker.replies`; a redelivered message's task gets a reply still owed).
+A batch that owes no reply costs nothing more. A message
 that cannot be decoded is rejected without requeue, so the queue dead-letters it
 to the `rejected` queue; it is never acked and forgotten. When the database is
 unavailable the same batch is retried with backoff and stays unacked
@@ -52,6 +53,7 @@ from leveret.batching import fill_batch
 from leveret.contracts import EndedTask, TaskResult, TasksEnded, decode_event, utcnow
 from leveret.db import is_transient
 from leveret.topology import RK_TASKS_ENDED, Topology
+from leveret.tracker.ledger import message_ids
 from leveret.tracker.replies import ReplySender
 from leveret.tracker.state import TaskRecord, TrackerMessage
 from leveret.tracker.store import Applied, TrackerStore
@@ -215,29 +217,38 @@ class Consumer:
                 await self._refuse(delivery, str(exc))
         if not decoded:
             return
+        # Tasks named by redelivered messages: a tracker that died after their commit
+        # may not have sent their replies (see leveret.tracker.replies).
+        resend = {t for d, m in decoded if d.redelivered for t in message_ids(m)[0]}
         try:
-            applied = await self._apply([m for _, m in decoded])
+            applied = await self._apply([m for _, m in decoded], resend)
             done, ended, owed = [d for d, _ in decoded], list(applied.ended), applied.replies
         except Exception:  # the store refuses the batch: find the message(s) it refuses
             logger.exception(
                 "tracker store refused a batch of {}; applying one by one", len(decoded)
             )
-            done, ended, owed = await self._apply_one_by_one(decoded)
-        told = True
-        if ended and owed:
-            told, _ = await asyncio.gather(self._tell_scheduler(ended), self._reply(owed))
-        elif ended:
-            told = await self._tell_scheduler(ended)
-        elif owed:
-            await self._reply(owed)
-        if not told:
+            done, ended, owed = await self._apply_one_by_one(decoded, resend)
+        if ended and not await self._tell_scheduler(ended):
             for delivery in done:  # applied again on redelivery (a no-op), then told
                 await return_to_queue(delivery)
             return
+        replied: list[str] = []
+        if owed and self.replies is not None:
+            try:
+                replied = await self.replies.publish(owed)
+            except Exception as exc:  # redelivered, and replied then
+                logger.warning("{} replies not sent ({}); returning the batch", len(owed), exc)
+                for delivery in done:
+                    await return_to_queue(delivery)
+                return
+        # The ack follows the replies at once, on the same connection (no await for a
+        # confirm between them): if it reaches the broker, so did they.
         self.applied += len(done)
         await ack_batch(done)
+        if replied and self.replies is not None:
+            await self.replies.mark_sent(replied)
 
-    async def _apply(self, messages: list[TrackerMessage]) -> Applied:
+    async def _apply(self, messages: list[TrackerMessage], resend: set[str]) -> Applied:
         """Apply in one transaction, waiting out transient database failures."""
         async for attempt in AsyncRetrying(
             wait=wait_exponential_jitter(multiplier=0.05, max=5.0, jitter=0.2),
@@ -246,18 +257,18 @@ class Consumer:
             reraise=True,
         ):
             with attempt:
-                return await self.store.apply(messages)
+                return await self.store.apply(messages, resend=resend)
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _apply_one_by_one(
-        self, decoded: list[tuple[AbstractIncomingMessage, TrackerMessage]]
+        self, decoded: list[tuple[AbstractIncomingMessage, TrackerMessage]], resend: set[str]
     ) -> tuple[list[AbstractIncomingMessage], list[EndedTask], tuple[TaskRecord, ...]]:
         done: list[AbstractIncomingMessage] = []
         ended: list[EndedTask] = []
         owed: tuple[TaskRecord, ...] = ()
         for delivery, message in decoded:
             try:
-                applied = await self._apply([message])
+                applied = await self._apply([message], resend)
             except Exception as exc:  # loop boundary: one bad message must not stop the tracker
                 logger.exception("tracker store refused message {}", delivery.message_id)
                 await self._refuse(delivery, f"store refused it: {type(exc).__name__}")
@@ -266,15 +277,6 @@ class Consumer:
                 ended += applied.ended
                 owed += applied.replies
         return done, ended, owed
-
-    async def _reply(self, owed: tuple[TaskRecord, ...]) -> None:
-        """Send the replies the batch left owed (a failure leaves them to the sweep)."""
-        if self.replies is None:
-            return
-        try:
-            await self.replies.send(owed)
-        except Exception:  # the batch is committed: the sweep sends what is still owed
-            logger.exception("sending {} replies failed; the sweep retries them", len(owed))
 
     async def _tell_scheduler(self, ended: list[EndedTask]) -> bool:
         """Publish the committed outcomes as `tasks.ended` (confirmed) before the batch is

@@ -6,10 +6,11 @@ rejected it. For each one the tracker records the task `failed` (type `poison`,
 or `invalid_message` for a rejection) through the same store path as every
 result, so the first terminal outcome still wins. A dead letter that names the
 producer's `reply_to` hands it to the task's record too (in the same
-transaction), so the reply the task owes is marked and sent like every other one
-(see :mod:`leveret.tracker.replies`: one reply per task, for its recorded
-outcome). Then, if that failure is the task's outcome, it is published on the
-results exchange; only then is the dead letter acked.
+transaction), so the reply the task owes is marked like every other one (see
+:mod:`leveret.tracker.replies`: one reply per task, for its recorded outcome).
+Then, if that failure is the task's outcome, it is published on the results
+exchange; then the reply goes out and the dead letter is acked right after it
+(a redelivered dead letter sends a reply still owed).
 
 A dead letter that is not a task (undecodable) is recorded failed under its
 `message_id` when it has one, and always re-published, bytes untouched, to the
@@ -124,11 +125,13 @@ class DeadLetters:
     def __init__(
         self, store: TrackerStore, topology: Topology, replies: ReplySender | None = None
     ) -> None:
-        """`replies` sends the reply a recorded failure leaves owed (None: the sweep does)."""
+        """`replies` sends the reply a recorded failure leaves owed (None: none is sent)."""
         self.store = store
         self.topology = topology
         self.replies = replies
         self.handled = 0
+        self._owed: dict[str, TaskRecord] = {}  # replies the dead letter in hand owes
+        self._resend: set[str] = set()  # its task, when it is a redelivery
         self._buffer: asyncio.Queue[AbstractIncomingMessage | None] = asyncio.Queue()
         self._channel: AbstractChannel | None = None
         self._queue: AbstractQueue | None = None
@@ -176,8 +179,13 @@ class DeadLetters:
 
     async def handle(self, delivery: AbstractIncomingMessage) -> None:
         """Record, publish, then ack one dead letter. Never raises (but cancellation)."""
+        self._owed = {}
+        again = delivery.redelivered and delivery.message_id
+        self._resend = {delivery.message_id} if again and delivery.message_id else set()
         try:
             await self._handle(delivery)
+            owed = list(self._owed.values())
+            replied = await self.replies.publish(owed) if self.replies else []
         except VoidDelivery:
             logger.warning("dead letter {} returned to its queue", delivery.message_id)
             return
@@ -192,9 +200,11 @@ class DeadLetters:
             return
         self.handled += 1
         try:
-            await delivery.ack()
+            await delivery.ack()  # right after the reply (see the module docstring)
         except BROKER_EXCEPTIONS as exc:
             logger.warning("dead letter ack not sent (the broker will redeliver): {}", exc)
+        if replied and self.replies is not None:
+            await self.replies.mark_sent(replied)
 
     async def _handle(self, delivery: AbstractIncomingMessage) -> None:
         try:
@@ -247,12 +257,11 @@ class DeadLetters:
         self, result: TaskResult, accepted: TasksAccepted | None = None
     ) -> TaskRecord | None:
         """Apply the failure (after `accepted`, which hands over the producer's `reply_to`)
-        and send the reply that leaves owed; the record if the failure is now the task's
-        outcome, else None."""
+        and keep the reply that leaves owed, for :meth:`handle`; the record if the failure
+        is now the task's outcome, else None."""
         messages: list[TrackerMessage] = [result] if accepted is None else [accepted, result]
-        applied = await self.store.apply(messages)
-        if applied.replies and self.replies is not None:
-            await self.replies.send(applied.replies)
+        applied = await self.store.apply(messages, resend=self._resend)
+        self._owed.update({r.id: r for r in applied.replies})
         record = await self.store.get_task(result.id)
         error = result.error
         assert error is not None

@@ -10,7 +10,7 @@ so the mark commits with the outcome.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -229,13 +229,20 @@ class Ledger:
             if now is not loaded:
                 yield loaded, now
 
-    def owed_replies(self) -> list[TaskRecord]:
-        """The tasks that came to owe their producer a reply in this transaction."""
-        return [
+    def owed_replies(self, resend: Collection[str] = ()) -> list[TaskRecord]:
+        """The tasks that came to owe their producer a reply in this transaction, then
+        those of `resend` whose reply is still owed (not yet marked sent)."""
+        owed = [
             now
             for loaded, now in self.changed_tasks()
             if now.reply is ReplyState.OWED and (loaded is None or loaded.reply is None)
         ]
+        new = {r.id for r in owed}
+        for task_id in sorted(set(resend) - new):
+            record = self.tasks.get(task_id)
+            if record is not None and record.reply is ReplyState.OWED:
+                owed.append(record)
+        return owed
 
     def changed_workers(self) -> list[WorkerRecord]:
         """Every worker record created or changed."""

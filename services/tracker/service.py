@@ -1,5 +1,5 @@
 """``leveret tracker``: the tracker-queue consumer, the dead-letter consumer, the worker
-watchdog, the reply sender (with its sweep) and the HTTP API, in one process."""
+watchdog, the reply sender and the HTTP API, in one process."""
 
 from __future__ import annotations
 
@@ -65,10 +65,8 @@ async def run(
                 store, settings, consuming=lambda: consumer.running and dead_letters.running
             )
             server = http_server(app, settings.host, settings.port)
-            sweeping = asyncio.Event()  # set to stop the sweep after the consumers drained
             async with asyncio.TaskGroup() as group:
                 await replies.start(connection)
-                sweep = group.create_task(replies.run(sweeping), name="tracker-reply-sweep")
                 await consumer.start(connection)
                 await dead_letters.start(connection)
                 batches = group.create_task(consumer.run(), name="tracker-consumer")
@@ -95,8 +93,6 @@ async def run(
                 await consumer.stop()
                 await dead_letters.stop()
                 await _drain(batches, letters)
-                sweeping.set()
-                await _drain(sweep)
                 server.should_exit = True
                 await http
             await consumer.close()

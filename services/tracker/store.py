@@ -23,7 +23,7 @@ import asyncio
 import base64
 import contextlib
 from collections import defaultdict
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Collection, Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
@@ -145,8 +145,13 @@ class TrackerStore:
 
     # writing
 
-    async def apply(self, messages: Sequence[TrackerMessage]) -> Applied:
-        """Apply a batch of messages, in order, in one transaction."""
+    async def apply(
+        self, messages: Sequence[TrackerMessage], *, resend: Collection[str] = ()
+    ) -> Applied:
+        """Apply a batch of messages, in order, in one transaction. `replies` holds the
+        tasks that came to owe a reply, and those of the `resend` ids (tasks named by
+        redelivered messages) whose reply is still owed: a tracker that died after the
+        commit may not have sent it."""
         task_ids, worker_ids = load_ids(messages)
         async with self._writing() as conn:
             ledger = await self._ledger(conn, task_ids, worker_ids)
@@ -161,7 +166,7 @@ class TrackerStore:
             transitions,
             len(ledger.changed_workers()),
             tuple(ledger.ended(messages)),
-            tuple(ledger.owed_replies()),
+            tuple(ledger.owed_replies(resend)),
         )
 
     async def declare_dead(self, worker_id: str, at: datetime, death: Death) -> int:

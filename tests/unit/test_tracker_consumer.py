@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
@@ -43,6 +43,7 @@ class FakeDelivery:
     exchange: str = TOPOLOGY.results_exchange
     routing_key: str = "completed.default.echo"
     message_id: str | None = None
+    redelivered: bool = False
     channel: FakeChannel = field(default_factory=lambda: CHANNEL_1)
     settled: list[tuple[str, bool]] = field(default_factory=list)
 
@@ -60,10 +61,14 @@ class FakeStore:
         self.transient_failures = transient_failures
         self.poison = poison
         self.committed: list[list[str]] = []
+        self.resend: list[list[str]] = []  # the `resend` ids of each apply
         self.calls = 0
 
-    async def apply(self, messages: Sequence[TrackerMessage]) -> Applied:
+    async def apply(
+        self, messages: Sequence[TrackerMessage], *, resend: Collection[str] = ()
+    ) -> Applied:
         self.calls += 1
+        self.resend.append(sorted(resend))
         if self.calls <= self.transient_failures:
             raise OperationalError("INSERT", {}, Exception("database is locked"))
         ids = [m.id for m in messages if isinstance(m, TaskResult)]
@@ -206,10 +211,12 @@ class BlockingStore(FakeStore):
         self.applying = asyncio.Event()
         self.release = asyncio.Event()
 
-    async def apply(self, messages: Sequence[TrackerMessage]) -> Applied:
+    async def apply(
+        self, messages: Sequence[TrackerMessage], *, resend: Collection[str] = ()
+    ) -> Applied:
         self.applying.set()
         await self.release.wait()
-        return await super().apply(messages)
+        return await super().apply(messages, resend=resend)
 
 
 async def test_caught_up_advances_only_while_idle_on_an_open_channel(
@@ -262,24 +269,33 @@ async def until(condition: Callable[[], bool], what: str, timeout_s: float = 5.0
 
 
 class RecordingReplies:
-    """Stands in for the reply sender: records what it was asked to send, and when
-    (relative to the acks of `watched`)."""
+    """Stands in for the reply sender: records what it was asked to publish, and when
+    (relative to the acks of `watched`), and what it marked sent."""
 
-    def __init__(self, watched: list[FakeDelivery]) -> None:
+    def __init__(self, watched: list[FakeDelivery], *, broken: bool = False) -> None:
         self.watched = watched
+        self.broken = broken
         self.sent: list[tuple[list[str], bool]] = []
+        self.marked: list[tuple[list[str], bool]] = []
 
-    async def send(self, records: Sequence[TaskRecord]) -> int:
+    async def publish(self, records: Sequence[TaskRecord]) -> list[str]:
+        if self.broken:
+            raise ConnectionResetError("the replies channel broke")
         acked = any(d.settled for d in self.watched)
         self.sent.append(([r.id for r in records], acked))
-        return len(records)
+        return [r.id for r in records]
+
+    async def mark_sent(self, task_ids: Sequence[str]) -> None:
+        self.marked.append((list(task_ids), any(d.settled for d in self.watched)))
 
 
 class OwingStore(FakeStore):
     """Every result whose id starts with "r" leaves its task owing a reply."""
 
-    async def apply(self, messages: Sequence[TrackerMessage]) -> Applied:
-        applied = await super().apply(messages)
+    async def apply(
+        self, messages: Sequence[TrackerMessage], *, resend: Collection[str] = ()
+    ) -> Applied:
+        applied = await super().apply(messages, resend=resend)
         owed = tuple(
             TaskRecord(id=m.id, status=TaskStatus.COMPLETED, reply_to="q", reply=ReplyState.OWED)
             for m in messages
@@ -304,6 +320,7 @@ async def test_owed_replies_are_sent_after_the_commit_and_before_the_ack() -> No
     assert store.committed == [["a", "r1", "r2"]]
     assert replies.sent == [(["r1", "r2"], False)]  # sent, then the batch acked
     assert owing[-1].settled == [("ack", True)]
+    assert replies.marked == [(["r1", "r2"], True)]  # marked sent after the ack
     quiet = RecordingReplies([])
     consumer = Consumer(
         cast(TrackerStore, OwingStore()),
@@ -315,3 +332,39 @@ async def test_owed_replies_are_sent_after_the_commit_and_before_the_ack() -> No
     )
     await feed(consumer, [FakeDelivery(result_body("b"), 1)])
     assert quiet.sent == []  # a batch that owes nothing sends nothing
+
+
+async def test_a_redelivered_message_asks_for_its_tasks_reply_again() -> None:
+    """A tracker that died after the commit may not have sent the reply: the tasks the
+    redelivered messages name are passed as `resend`; first deliveries are not."""
+    store = OwingStore()
+    batch = [
+        FakeDelivery(result_body("r1"), 1, redelivered=True),
+        FakeDelivery(result_body("r2"), 2),
+    ]
+    consumer = Consumer(
+        cast(TrackerStore, store),
+        TOPOLOGY,
+        prefetch=100,
+        batch_max=100,
+        batch_wait_ms=1,
+        replies=cast(ReplySender, RecordingReplies(batch)),
+    )
+    await feed(consumer, batch)
+    assert store.resend == [["r1"]]
+
+
+async def test_replies_that_cannot_be_sent_return_the_batch_unacked() -> None:
+    """No ack without the replies before it: the batch comes back redelivered, and its
+    replies are sent then."""
+    batch = [FakeDelivery(result_body("r1"), 1), FakeDelivery(result_body("r2"), 2)]
+    consumer = Consumer(
+        cast(TrackerStore, OwingStore()),
+        TOPOLOGY,
+        prefetch=100,
+        batch_max=100,
+        batch_wait_ms=1,
+        replies=cast(ReplySender, RecordingReplies(batch, broken=True)),
+    )
+    await feed(consumer, batch)
+    assert [d.settled for d in batch] == [[("reject", True)], [("reject", True)]]
