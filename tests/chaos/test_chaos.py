@@ -85,6 +85,12 @@ async def _submit_with_replies(
     return connection
 
 
+async def running_on(api: TrackerApi, worker: str, at_least: int) -> bool:
+    """Whether the tracker shows `worker` running `at_least` tasks."""
+    r = await api.http.get("/tasks", params={"status": "running", "limit": 1000})
+    return sum(t["worker"] == worker for t in r.json()["tasks"]) >= at_least
+
+
 async def test_nothing_lost_or_recorded_twice_under_chaos(cluster: Cluster) -> None:
     cluster.extra_env["LEVERET_HEARTBEAT_TIMEOUT_S"] = str(HEARTBEAT_TIMEOUT_S)
     cluster.start_tracker()
@@ -128,6 +134,10 @@ async def test_nothing_lost_or_recorded_twice_under_chaos(cluster: Cluster) -> N
     await eventually(w1_released, 30, "w1's tasks to be taken by other workers")
     await eventually(lambda: completed_at_least(450), 60, "450 completed tasks")
     assert await ready_messages(cluster.amqp_url, work_queue) > 0
+    # The tracker hears of an attempt only in the worker's next `task.started` flush
+    # (every 200 ms): freeze w2 when it is known to hold some, or it may hold only
+    # attempts nobody heard of, and the test would prove nothing.
+    await eventually(lambda: running_on(api, "w2", 2), 30, "w2 to run tasks the tracker knows of")
     frozen_at = datetime.now(UTC)
     workers["w2"].send(signal.SIGSTOP)
 
