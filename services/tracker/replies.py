@@ -35,8 +35,10 @@ the reply sent then.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import aio_pika
+import aiormq
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 from loguru import logger
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
@@ -104,9 +106,18 @@ class ReplySender:
         channel = self._channel
         if channel is None or channel.is_closed:
             raise BrokerError("the replies channel is not open")
-        exchange = channel.default_exchange
+        underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
         for address, message, _ in todo:
-            await exchange.publish(message, address, mandatory=False)
+            # Queued for the connection's writer without waiting for it (wait=False), so
+            # no other step runs between these frames and the ack the caller queues next:
+            # the writer sends them back to back.
+            await underlay.basic_publish(
+                message.body,
+                routing_key=address,
+                properties=message.properties,
+                mandatory=False,
+                wait=False,
+            )
         return [task_id for _, _, task_id in todo]
 
     async def mark_sent(self, task_ids: Sequence[str]) -> None:
