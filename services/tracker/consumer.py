@@ -43,6 +43,7 @@ from leveret.amqp import (
     UNCONFIRMED,
     Outgoing,
     ack_batch,
+    channel_gone,
     chunks,
     json_message,
     open_channel,
@@ -50,7 +51,14 @@ from leveret.amqp import (
     return_to_queue,
 )
 from leveret.batching import fill_batch
-from leveret.contracts import EndedTask, TaskResult, TasksEnded, decode_event, utcnow
+from leveret.contracts import (
+    EndedTask,
+    TaskResult,
+    TasksAccepted,
+    TasksEnded,
+    decode_event,
+    utcnow,
+)
 from leveret.db import is_transient
 from leveret.topology import RK_TASKS_ENDED, Topology
 from leveret.tracker.ledger import message_ids
@@ -217,9 +225,16 @@ class Consumer:
                 await self._refuse(delivery, str(exc))
         if not decoded:
             return
-        # Tasks named by redelivered messages: a tracker that died after their commit
-        # may not have sent their replies (see leveret.tracker.replies).
-        resend = {t for d, m in decoded if d.redelivered for t in message_ids(m)[0]}
+        # Tasks named by redelivered messages that can make a reply owed (a result, or
+        # the announcement that brings `reply_to`): a tracker that died after their
+        # commit may not have sent the reply (see leveret.tracker.replies). Other events
+        # (a `task.started` overtaken by its result, say) never ask for it again.
+        resend = {
+            t
+            for d, m in decoded
+            if d.redelivered and isinstance(m, TaskResult | TasksAccepted)
+            for t in message_ids(m)[0]
+        }
         try:
             applied = await self._apply([m for _, m in decoded], resend)
             done, ended, owed = [d for d, _ in decoded], list(applied.ended), applied.replies
@@ -234,19 +249,54 @@ class Consumer:
             return
         replied: list[str] = []
         if owed and self.replies is not None:
+            kept = {id(d) for d in done}
             try:
-                replied = await self.replies.publish(owed)
+                replied = await self._reply_then_ack([p for p in decoded if id(p[0]) in kept], owed)
             except Exception as exc:  # redelivered, and replied then
                 logger.warning("{} replies not sent ({}); returning the batch", len(owed), exc)
                 for delivery in done:
-                    await return_to_queue(delivery)
+                    if not getattr(delivery, "processed", False):
+                        await return_to_queue(delivery)
                 return
-        # The ack follows the replies at once, on the same connection (no await for a
-        # confirm between them): if it reaches the broker, so did they.
+        else:
+            await ack_batch(done)
         self.applied += len(done)
-        await ack_batch(done)
         if replied and self.replies is not None:
             await self.replies.mark_sent(replied)
+
+    async def _reply_then_ack(
+        self,
+        pairs: list[tuple[AbstractIncomingMessage, TrackerMessage]],
+        owed: tuple[TaskRecord, ...],
+    ) -> list[str]:
+        """Send each owed reply right before the ack (``multiple``) of the first delivery
+        that names its task, then ack the rest; the ids replied. Replies and acks go to
+        the connection's writer in that order with nothing awaited between them, so if
+        an ack reached the broker, the replies before it did; a tracker killed midway
+        leaves unacked only deliveries whose replies were (at most the last few) not
+        yet written, and their redelivery sends what is still owed."""
+        assert self.replies is not None
+        waiting = {r.id: r for r in owed}
+        replied: list[str] = []
+        acked: dict[int, AbstractIncomingMessage] = {}
+        for delivery, message in pairs:
+            named = [waiting.pop(t) for t in message_ids(message)[0] if t in waiting]
+            if not named:
+                continue
+            replied += await self.replies.publish(named)
+            if not channel_gone(delivery):
+                await delivery.ack(multiple=True)
+                acked[id(delivery.channel)] = delivery
+        if waiting:  # owed by a task no delivery names (not expected): before the last ack
+            replied += await self.replies.publish(list(waiting.values()))
+        last: dict[int, AbstractIncomingMessage] = {}
+        for delivery, _ in pairs:
+            if not channel_gone(delivery):
+                last[id(delivery.channel)] = delivery
+        for channel, delivery in last.items():
+            if acked.get(channel) is not delivery:
+                await delivery.ack(multiple=True)
+        return replied
 
     async def _apply(self, messages: list[TrackerMessage], resend: set[str]) -> Applied:
         """Apply in one transaction, waiting out transient database failures."""
