@@ -12,8 +12,8 @@ ever read-modify-write the same task at once. Applying a batch again is a no-op
 
 A transaction that leaves a task owing its producer a reply marks it `owed` in the
 same commit and hands the record back (:attr:`Applied.replies`); the sender marks it
-`sent` once the broker confirmed it (:meth:`TrackerStore.mark_replies_sent`), and
-:meth:`TrackerStore.owed_replies` finds the ones left behind (see
+`sent` once it went out (:meth:`TrackerStore.mark_replies_sent`); a redelivered
+message hands back its task's reply still owed (``resend``; see
 :mod:`leveret.tracker.replies`).
 """
 
@@ -44,7 +44,6 @@ from leveret.tracker.state import (
 )
 from leveret.tracker.stats import Stats, task_figures
 from leveret.tracker.tables import (
-    REPLY_OWED,
     attempt_row,
     attempts,
     task_row,
@@ -198,18 +197,6 @@ class TrackerStore:
         )
         async with self.engine.connect() as conn:
             return [to_worker(r) for r in await conn.execute(query)]
-
-    async def owed_replies(self, cutoff: datetime, limit: int = MAX_PAGE) -> list[TaskRecord]:
-        """Tasks whose reply was owed at `cutoff` already and is not sent yet, oldest
-        first (the sweep's work; without attempt histories, which a reply does not need)."""
-        query = (
-            select(tasks)
-            .where(REPLY_OWED, tasks.c.reply_at <= cutoff)
-            .order_by(tasks.c.reply_at)
-            .limit(limit)
-        )
-        async with self.engine.connect() as conn:
-            return [to_task(r) for r in await conn.execute(query)]
 
     async def mark_replies_sent(self, task_ids: Sequence[str], at: datetime) -> int:
         """Record that the replies of these tasks were confirmed sent; returns how many

@@ -22,7 +22,6 @@ from sqlalchemy import (
     String,
     Table,
     Text,
-    text,
 )
 from sqlalchemy.engine import Row
 
@@ -115,12 +114,6 @@ worker_counters = Table(
 # Filter by status or kind, newest first, without a sort.
 Index("ix_tasks_status_seq", tasks.c.status, tasks.c.seq)
 Index("ix_tasks_kind_seq", tasks.c.kind, tasks.c.seq)
-#: The replies still owed. Queries must use this very clause (a literal, not a bound
-#: parameter) for the databases to pick the partial index below.
-REPLY_OWED = text("reply = 'owed'")
-# The reply sweep finds the replies still owed; a partial index holds only those rows,
-# so it costs nothing per task that owes nothing.
-Index("ix_tasks_reply_owed", tasks.c.reply_at, sqlite_where=REPLY_OWED, postgresql_where=REPLY_OWED)
 # The watchdog finds a dead worker's open attempts.
 Index("ix_attempts_worker_outcome", attempts.c.worker, attempts.c.outcome)
 
