@@ -304,11 +304,9 @@ class OwingStore(FakeStore):
         return replace(applied, replies=owed)
 
 
-async def test_owed_replies_are_sent_after_the_commit_and_before_the_ack() -> None:
-    store = OwingStore()
-    owing = [FakeDelivery(result_body(i), n) for n, i in enumerate(["a", "r1", "r2"], 1)]
-    replies = RecordingReplies(owing)
-    consumer = Consumer(
+def replying(store: FakeStore, replies: RecordingReplies) -> Consumer:
+    """A consumer with these stand-ins for its store and its reply sender."""
+    return Consumer(
         cast(TrackerStore, store),
         TOPOLOGY,
         prefetch=100,
@@ -316,6 +314,13 @@ async def test_owed_replies_are_sent_after_the_commit_and_before_the_ack() -> No
         batch_wait_ms=1,
         replies=cast(ReplySender, replies),
     )
+
+
+async def test_owed_replies_are_sent_after_the_commit_and_before_the_ack() -> None:
+    store = OwingStore()
+    owing = [FakeDelivery(result_body(i), n) for n, i in enumerate(["a", "r1", "r2"], 1)]
+    replies = RecordingReplies(owing)
+    consumer = replying(store, replies)
     await feed(consumer, owing)
     assert store.committed == [["a", "r1", "r2"]]
     # Each reply right before the ack of the delivery that owes it: r1's reply before
@@ -325,14 +330,7 @@ async def test_owed_replies_are_sent_after_the_commit_and_before_the_ack() -> No
     assert [d.settled for d in owing] == [[], [("ack", True)], [("ack", True)]]
     assert replies.marked == [(["r1", "r2"], True)]  # marked sent after the acks
     quiet = RecordingReplies([])
-    consumer = Consumer(
-        cast(TrackerStore, OwingStore()),
-        TOPOLOGY,
-        prefetch=100,
-        batch_max=100,
-        batch_wait_ms=1,
-        replies=cast(ReplySender, quiet),
-    )
+    consumer = replying(OwingStore(), quiet)
     await feed(consumer, [FakeDelivery(result_body("b"), 1)])
     assert quiet.sent == []  # a batch that owes nothing sends nothing
 
@@ -345,14 +343,7 @@ async def test_a_redelivered_message_asks_for_its_tasks_reply_again() -> None:
         FakeDelivery(result_body("r1"), 1, redelivered=True),
         FakeDelivery(result_body("r2"), 2),
     ]
-    consumer = Consumer(
-        cast(TrackerStore, store),
-        TOPOLOGY,
-        prefetch=100,
-        batch_max=100,
-        batch_wait_ms=1,
-        replies=cast(ReplySender, RecordingReplies(batch)),
-    )
+    consumer = replying(store, RecordingReplies(batch))
     await feed(consumer, batch)
     assert store.resend == [["r1"]]
 
@@ -361,13 +352,6 @@ async def test_replies_that_cannot_be_sent_return_the_batch_unacked() -> None:
     """No ack without the replies before it: the batch comes back redelivered, and its
     replies are sent then."""
     batch = [FakeDelivery(result_body("r1"), 1), FakeDelivery(result_body("r2"), 2)]
-    consumer = Consumer(
-        cast(TrackerStore, OwingStore()),
-        TOPOLOGY,
-        prefetch=100,
-        batch_max=100,
-        batch_wait_ms=1,
-        replies=cast(ReplySender, RecordingReplies(batch, broken=True)),
-    )
+    consumer = replying(OwingStore(), RecordingReplies(batch, broken=True))
     await feed(consumer, batch)
     assert [d.settled for d in batch] == [[("reject", True)], [("reject", True)]]
