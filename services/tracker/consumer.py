@@ -109,7 +109,7 @@ class Consumer:
         batch_wait_ms: float,
         replies: ReplySender | None = None,
     ) -> None:
-        """`replies` sends the replies a batch leaves owed (None: the sweep sends them)."""
+        """`replies` sends the replies a batch leaves owed (None: none is sent)."""
         self.store = store
         self.replies = replies
         self.topology = topology
