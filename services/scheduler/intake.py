@@ -26,10 +26,12 @@ import re
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from aio_pika.abc import AbstractIncomingMessage
 from aio_pika.exceptions import ChannelInvalidStateError
+from aiormq.abc import AbstractChannel
 from loguru import logger
 from pydantic import ValidationError
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
@@ -144,21 +146,37 @@ def redelivered(message: AbstractIncomingMessage) -> bool:
     return bool(message.redelivered) or delivery_count(message) > 0
 
 
-def _channel_open(message: AbstractIncomingMessage) -> bool:
+def _channel_of(message: AbstractIncomingMessage) -> AbstractChannel | None:
+    """The channel `message` arrived on, None once it closed."""
     try:
-        message.channel  # noqa: B018 - raises once the channel is closed
+        return message.channel
     except ChannelInvalidStateError:
-        return False
-    return True
+        return None
+
+
+@dataclass(slots=True)
+class _Holder:
+    """Who holds a task: the delivery being admitted as it (`message`), or after its
+    ack (`message` None) only the channel that ack went out on."""
+
+    message: AbstractIncomingMessage | None
+    channel: AbstractChannel | None
+
+    def gone(self) -> bool:
+        """Its channel closed: the broker requeued the delivery (or may have lost the
+        ack), so a redelivery with its key may be it."""
+        return self.channel is None or self.channel.is_closed
 
 
 class IntakeKeys:
     """Which task an id-less AMQP delivery is, across its redeliveries.
 
     A task is *held* by the delivery being admitted as it (its first delivery, or a
-    redelivery that found it); a held task is never given to another delivery with
-    the same key (two byte-identical submissions in flight stay two tasks), unless
-    the holder's channel closed: then the broker requeued that very delivery, and
+    redelivery that found it), and after that delivery's ack by the channel the ack
+    went out on, until the key is forgotten. A held task is never given to another
+    delivery with the same key (two byte-identical submissions in flight stay two
+    tasks, however their handling interleaves), unless the holder's channel closed:
+    then the broker requeued that very delivery, or may not have seen its ack, and
     this may be it. Once acked, the task's key is forgotten in the store, lazily.
     """
 
@@ -167,8 +185,8 @@ class IntakeKeys:
     ) -> None:
         self.store = store
         self.clock = clock
-        self._holders: dict[str, AbstractIncomingMessage] = {}
-        self._acked: deque[tuple[float, str]] = deque()
+        self._holders: dict[str, _Holder] = {}
+        self._acked: deque[tuple[float, str, _Holder]] = deque()
         self.rematched = 0  #: redeliveries that found their first delivery's task
         self.left_set = 0  #: acked keys never forgotten (over the bound, or a store error)
 
@@ -181,7 +199,7 @@ class IntakeKeys:
             candidates = await self.store.unacked_intake(key)
         for task_id in candidates:  # no await from here on: the pick and hold are one step
             holder = self._holders.get(task_id)
-            if holder is None or holder is message or not _channel_open(holder):
+            if holder is None or holder.message is message or holder.gone():
                 self.hold(task_id, message)
                 self.rematched += 1
                 return task_id
@@ -189,17 +207,30 @@ class IntakeKeys:
 
     def hold(self, task_id: str, message: AbstractIncomingMessage) -> None:
         """`message` is being admitted as `task_id`."""
-        self._holders[task_id] = message
+        self._holders[task_id] = _Holder(message, _channel_of(message))
 
     def done(self, task_id: str, message: AbstractIncomingMessage, *, acked: bool) -> None:
-        """`message` is through: acked (its key is to be forgotten) or back to its queue."""
-        if self._holders.get(task_id) is message:
+        """`message` is through: acked (its key is to be forgotten; its channel holds the
+        task till then) or back to its queue (the task is free for its redelivery)."""
+        holder = self._holders.get(task_id)
+        mine = holder is not None and holder.message is message
+        if not acked:
+            if mine:
+                del self._holders[task_id]
+            return
+        if holder is None:
+            holder = self._holders[task_id] = _Holder(None, _channel_of(message))
+        elif mine:
+            holder.message = None  # keep no body: only the channel matters from now on
+        self._acked.append((self.clock(), task_id, holder))
+        if len(self._acked) > FORGET_MAX:
+            _, old_id, old = self._acked.popleft()
+            self._release(old_id, old)
+            self.left_set += 1
+
+    def _release(self, task_id: str, holder: _Holder) -> None:
+        if self._holders.get(task_id) is holder:
             del self._holders[task_id]
-        if acked:
-            self._acked.append((self.clock(), task_id))
-            if len(self._acked) > FORGET_MAX:
-                self._acked.popleft()
-                self.left_set += 1
 
     @property
     def pending(self) -> int:
@@ -211,18 +242,21 @@ class IntakeKeys:
         ``settled_only=False``); return how many. A store error only logs: intake
         never waits for this."""
         cutoff = self.clock() - FORGET_AFTER_S
-        ids: list[str] = []
+        done: list[tuple[str, _Holder]] = []
         while self._acked and (not settled_only or self._acked[0][0] <= cutoff):
-            ids.append(self._acked.popleft()[1])
-        if not ids:
+            _, task_id, holder = self._acked.popleft()
+            done.append((task_id, holder))
+        if not done:
             return 0
+        for task_id, holder in done:
+            self._release(task_id, holder)
         try:
-            await self.store.forget_intake(ids)
+            await self.store.forget_intake([task_id for task_id, _ in done])
         except Exception as exc:  # harmless: the keys stay set; never stop the loop
-            self.left_set += len(ids)
-            logger.warning("{} intake keys left set: {}", len(ids), exc)
+            self.left_set += len(done)
+            logger.warning("{} intake keys left set: {}", len(done), exc)
             return 0
-        return len(ids)
+        return len(done)
 
     async def run(self) -> None:
         """Forever, every :data:`FORGET_EVERY_S`, forget the keys of settled acks."""

@@ -253,6 +253,20 @@ async def test_a_task_held_on_a_closed_channel_goes_to_its_redelivery() -> None:
     assert await keys.task_of("k", delivery(redelivered=True, tag=2)) is None
 
 
+async def test_an_acked_task_stays_held_while_its_channel_is_open() -> None:
+    """A twin's redelivery handled after the first one's ack went out must not take its
+    task: that ack reaches the broker unless its channel closes first."""
+    channel = FakeChannel()
+    store = FakeKeyStore({"t1": "k"})
+    keys = keys_on(store)
+    first = delivery(redelivered=True, tag=1, channel=channel)
+    assert await keys.task_of("k", first) == "t1"
+    keys.done("t1", first, acked=True)
+    assert await keys.task_of("k", delivery(redelivered=True, tag=2)) is None  # a twin
+    channel.is_closed = True  # the ack may be lost: its redelivery is the task
+    assert await keys.task_of("k", delivery(redelivered=True, tag=1)) == "t1"
+
+
 async def test_acked_keys_are_forgotten_once_settled() -> None:
     clock = Clock()
     store = FakeKeyStore({"t1": "k", "t2": "k", "t3": "k"})
