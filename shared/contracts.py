@@ -71,6 +71,16 @@ MAX_DELAY_S = 366 * 24 * 3600
 MAX_TIMEOUT_S = 7 * 24 * 3600
 #: A `reply_to` address is an AMQP short string.
 MAX_REPLY_TO = 255
+#: A result message (the JSON body a worker publishes on the results exchange) is at
+#: most this big; a worker fails an attempt whose result is bigger with
+#: `result_too_large`, and the tracker refuses a bigger message unrecorded.
+MAX_RESULT_BYTES = 1024 * 1024
+#: An error's `message` (and any error text) holds at most this many characters; a
+#: worker truncates a longer one, marking the cut.
+MAX_ERROR_MESSAGE_CHARS = 8192
+#: Any other message a worker or producer publishes to the events exchange
+#: (heartbeats, progress, announcements, cancel requests) is at most this big.
+MAX_EVENT_BYTES = 64 * 1024
 #: The earliest `run_at` accepted (an earlier one is surely a mistake, not "run now").
 MIN_RUN_AT = datetime(2000, 1, 1, tzinfo=UTC)
 

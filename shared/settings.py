@@ -5,6 +5,7 @@ of the shared :class:`CommonSettings`. Tests construct them directly."""
 from __future__ import annotations
 
 import os
+import re
 import socket
 import uuid
 from pathlib import Path
@@ -32,6 +33,22 @@ def sqlite_url(path: Path) -> str:
     return f"sqlite+aiosqlite:///{path}"
 
 
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
+_UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+#: How long finished tasks are kept by default: 7 days.
+DEFAULT_RETENTION_S = 7 * 86400
+
+
+def parse_duration(value: object) -> object:
+    """``7d``, ``36h``, ``90m``, ``3600s`` or plain seconds (``3600``) as seconds."""
+    if isinstance(value, str):
+        match = _DURATION.match(value.lower())
+        if match is None:
+            raise ValueError("a duration such as 7d, 36h, 90m, 3600s or 3600 (seconds)")
+        return float(match.group(1)) * _UNIT_S[match.group(2)]
+    return value
+
+
 def _split_csv(value: object) -> object:
     """Accept ``a,b`` from the environment as well as a list."""
     if isinstance(value, str):
@@ -49,6 +66,14 @@ class CommonSettings(BaseSettings):
     log_json: bool = False
     log_level: str = "INFO"
     data_dir: Path = Field(default_factory=default_data_dir)
+    retention: float = Field(
+        default=DEFAULT_RETENTION_S,
+        ge=0,
+        description="How long finished tasks are kept (tracker and scheduler stores), "
+        "seconds or 7d/36h/90m; 0 keeps them forever.",
+    )
+
+    _parse_retention = field_validator("retention", mode="before")(parse_duration)
 
     @property
     def topology(self) -> Topology:
