@@ -48,6 +48,7 @@ from leveret.amqp import (
     connect,
     delivery_count,
     json_message,
+    map_broker_errors,
     open_channel,
     publish_all,
     return_to_queue,
@@ -70,7 +71,7 @@ from leveret.contracts import (
     decode_event,
     utcnow,
 )
-from leveret.errors import BrokerError
+from leveret.errors import UnavailableError
 from leveret.handlers import Registry, TaskContext
 from leveret.settings import WorkerSettings
 from leveret.topology import (
@@ -90,9 +91,6 @@ from leveret.worker.execution import Executor, Outcome, failure, retry_delay_s
 from leveret.worker.gate import BandGate
 from leveret.worker.limits import StartPacer, kind_limits
 from leveret.worker.reports import Reports
-
-#: What ends a session attempt early; the worker backs off and starts a new one.
-SESSION_ERRORS: tuple[type[Exception], ...] = (BrokerError, *BROKER_EXCEPTIONS)
 
 
 class SessionEnd(Enum):
@@ -171,9 +169,11 @@ class Worker:
             failures = 0
             while not stop.is_set():
                 try:
-                    end = await self._session(stop, ready)
-                except SESSION_ERRORS as exc:
-                    # e.g. a restarted broker whose queues are not all back yet
+                    with map_broker_errors():
+                        end = await self._session(stop, ready)
+                except UnavailableError as exc:
+                    # The session could not start or went wrong on the broker's side (e.g.
+                    # a restarted broker whose queues are not all back yet): back off.
                     failures += 1
                     backoff = min(0.2 * 2**failures, 5.0)
                     logger.warning(
