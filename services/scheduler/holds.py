@@ -4,7 +4,8 @@ No I/O here. A task is *delayed* until its due time (``run_at``, or submission
 time + ``delay_s``) and *blocked* until every task in its ``depends_on``
 completed. When a parent ends any other way its dependant ends too, without
 running: ``failed`` with ``dependency_failed``, or ``cancelled`` with
-``dependency_cancelled`` when the parent was cancelled.
+``dependency_cancelled`` when the parent was cancelled, or ``failed`` with
+``dependency_expired`` when the parent's outcome was purged (retention).
 """
 
 from __future__ import annotations
@@ -81,6 +82,8 @@ class ParentOutcome:
 
     status: TaskStatus | None
     error_type: str | None = None
+    #: The parent's row was purged (it ended longer ago than the retention period).
+    gone: bool = False
 
 
 @dataclass(frozen=True)
@@ -116,7 +119,14 @@ def decide(parents: Mapping[str, ParentOutcome]) -> Decision:
     waiting = False
     for parent_id in sorted(parents):
         outcome = parents[parent_id]
-        if outcome.status is None:
+        if outcome.gone:
+            failed = failed or End(
+                TaskStatus.FAILED,
+                "dependency_expired",
+                f"parent {parent_id} was purged (it ended longer ago than the retention "
+                "period, LEVERET_RETENTION): its outcome is no longer known",
+            )
+        elif outcome.status is None:
             waiting = True
         elif outcome.status is TaskStatus.CANCELLED:
             what = outcome.error_type or "cancelled"

@@ -22,6 +22,7 @@ from leveret.scheduler.intake import Intake
 from leveret.scheduler.outcomes import Outcomes
 from leveret.scheduler.ratelimit import RateLimiter
 from leveret.scheduler.releaser import Releaser
+from leveret.scheduler.retention import Purger
 from leveret.scheduler.store import SubmissionStore
 from leveret.settings import SchedulerSettings
 from leveret.topology import RK_SCHEDULER_STARTED, RK_WORKER_STARTED
@@ -70,6 +71,9 @@ async def run(
                 group.create_task(outcomes.run(), name="outcomes"),
                 group.create_task(intake.keys.run(), name="intake-keys"),
             ]
+            if settings.retention:
+                purger = Purger(store, settings.retention)
+                holders.append(group.create_task(purger.run(), name="retention"))
             await outcomes.start(connection)
             kinds_channel = await _watch_kinds(connection, settings, kinds, store)
             intake_channel = await open_channel(connection, prefetch=settings.intake_prefetch)

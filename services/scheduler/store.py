@@ -17,7 +17,16 @@ published again. A dispatched row makes a resubmission of the same id a duplicat
 An AMQP submission without an id carries an `intake_key` (a digest of its delivery)
 until its ack is recorded: a redelivery after a crash finds its task by that key.
 Outcomes of tasks (`outcome`, `error_type`) are recorded from the results
-exchange: the first terminal one counts. `edges` says which task waits for which.
+exchange: the first terminal one counts, with the time it was recorded (`ended_at`).
+`edges` says which task waits for which.
+
+Retention (:meth:`SubmissionStore.purge`): a row whose task ended longer ago than
+``LEVERET_RETENTION`` is deleted, with its edges, once nothing needs it: it is
+`dispatched` or `ended`, its intake key is forgotten, and every task waiting for it
+is `dispatched` or `ended` too. Its id is then unknown: submitted again, it is a new
+task; named in `depends_on`, an unknown parent. A blocked task whose parent was
+purged between admission's lookup and its claim finds the parent gone
+(:attr:`ParentOutcome.gone`) and ends `dependency_expired`.
 """
 
 from __future__ import annotations
@@ -28,7 +37,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, func, select, update
+from sqlalchemy import Connection, bindparam, delete, func, inspect, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from leveret.contracts import TaskMessage, TaskStatus, utcnow
@@ -42,6 +51,7 @@ from leveret.scheduler.tables import (
     ENDED,
     FAILING,
     RELEASING,
+    SETTLED,
     edges,
     kinds,
     metadata,
@@ -50,6 +60,8 @@ from leveret.scheduler.tables import (
 
 # SQLite caps bound parameters per statement; stay well below.
 _IN_CHUNK = 500
+#: Rows one purge transaction deletes at most: short, so writers never wait long.
+PURGE_BATCH = 500
 
 
 @dataclass(frozen=True)
@@ -100,6 +112,18 @@ def _chunks(ids: Sequence[str]) -> Iterable[Sequence[str]]:
         yield ids[start : start + _IN_CHUNK]
 
 
+#: How :meth:`SubmissionStore.blocked` reports a parent no longer in the store.
+_GONE = ParentOutcome(None, gone=True)
+
+
+def _has_ended_at(conn: Connection) -> bool:
+    """Whether the submissions table exists with its `ended_at` column (added later)."""
+    found = inspect(conn)
+    if not found.has_table("submissions"):
+        return True  # a new database: nothing to fill in
+    return "ended_at" in {c["name"] for c in found.get_columns("submissions")}
+
+
 def _submission(row: Any) -> Submission:
     deps = tuple(json.loads(row.depends_on)) if row.depends_on else ()
     return Submission(TaskMessage.model_validate_json(row.envelope), deps, row.run_at)
@@ -125,7 +149,15 @@ class SubmissionStore:
         """Connect and create (or bring up to date) the tables."""
         engine = create_engine(url)
         async with engine.begin() as conn:
+            had_ended_at = await conn.run_sync(_has_ended_at)
             await conn.run_sync(add_missing_columns, metadata)
+            if not had_ended_at:
+                # Tasks that ended before `ended_at` existed: their age counts from submission.
+                await conn.execute(
+                    update(submissions)
+                    .where(submissions.c.outcome.is_not(None), submissions.c.ended_at.is_(None))
+                    .values(ended_at=submissions.c.created_at)
+                )
         return cls(engine)
 
     async def close(self) -> None:
@@ -299,12 +331,17 @@ class SubmissionStore:
         return the blocked tasks that wait for any of them."""
         if not outcomes:
             return []
+        now = utcnow()
         async with self.engine.begin() as conn:
             await conn.execute(
                 update(submissions)
                 .where(submissions.c.id == bindparam("b_id"), submissions.c.outcome.is_(None))
-                .values(outcome=bindparam("b_outcome"), error_type=bindparam("b_error")),
-                [{"b_id": i, "b_outcome": s, "b_error": e} for i, s, e in outcomes],
+                .values(
+                    outcome=bindparam("b_outcome"),
+                    error_type=bindparam("b_error"),
+                    ended_at=bindparam("b_now"),
+                ),
+                [{"b_id": i, "b_outcome": s, "b_error": e, "b_now": now} for i, s, e in outcomes],
             )
             return await self._waiting_children(conn, [i for i, _, _ in outcomes])
 
@@ -325,14 +362,18 @@ class SubmissionStore:
         return sorted(found)
 
     async def resolvable(self, limit: int = 10_000) -> list[str]:
-        """Blocked tasks with at least one parent that ended (the start-up re-check)."""
+        """Blocked tasks with at least one parent that ended or is gone (the start-up
+        re-check)."""
         parent = submissions.alias("parent")
         child = submissions.alias("child")
         query = (
             select(edges.c.child)
-            .join(parent, parent.c.id == edges.c.parent)
             .join(child, child.c.id == edges.c.child)
-            .where(child.c.state == BLOCKED, parent.c.outcome.is_not(None))
+            .outerjoin(parent, parent.c.id == edges.c.parent)
+            .where(
+                child.c.state == BLOCKED,
+                parent.c.outcome.is_not(None) | parent.c.id.is_(None),
+            )
             .distinct()
             .limit(limit)
         )
@@ -351,7 +392,8 @@ class SubmissionStore:
                 parent_ids = {p for s in subs for p in s.depends_on}
                 outcomes = await self._outcomes(conn, sorted(parent_ids))
                 for s in subs:
-                    parents = {p: outcomes.get(p, ParentOutcome(None)) for p in s.depends_on}
+                    # A parent missing from the store was purged (see the module docstring).
+                    parents = {p: outcomes.get(p, _GONE) for p in s.depends_on}
                     result.append(Blocked(s, parents))
         return result
 
@@ -403,6 +445,7 @@ class SubmissionStore:
         moved: list[Submission] = []
         if not endings:
             return moved
+        now = utcnow()
         async with self.engine.begin() as conn:
             for e in endings:
                 stmt = (
@@ -413,6 +456,7 @@ class SubmissionStore:
                         outcome=e.status.value,
                         error_type=e.error_type,
                         error_message=e.message,
+                        ended_at=now,
                     )
                     .returning(*_ROW)
                 )
@@ -438,6 +482,7 @@ class SubmissionStore:
                     outcome=ending.status.value,
                     error_type=ending.error_type,
                     error_message=ending.message,
+                    ended_at=utcnow(),
                 )
             )
             if (await conn.execute(stmt)).rowcount != 1:
@@ -450,8 +495,46 @@ class SubmissionStore:
             await conn.execute(
                 update(submissions)
                 .where(submissions.c.id == task_id, submissions.c.state == FAILING)
-                .values(state=state, outcome=None, error_type=None, error_message=None)
+                .values(
+                    state=state, outcome=None, error_type=None, error_message=None, ended_at=None
+                )
             )
+
+    # retention
+
+    async def purge(self, cutoff: datetime, limit: int = PURGE_BATCH) -> int:
+        """Delete up to `limit` rows of tasks that ended before `cutoff` and that nothing
+        needs any more (see the module docstring), oldest first, with their edges, in
+        ONE short transaction; return how many."""
+        old = submissions.alias("old")
+        child = submissions.alias("child")
+        waiting = (
+            select(edges.c.child)
+            .join(child, child.c.id == edges.c.child)
+            .where(edges.c.parent == old.c.id, child.c.state.not_in(SETTLED))
+        )
+        doomed = (
+            select(old.c.id)
+            .where(
+                old.c.ended_at < cutoff,
+                old.c.state.in_(SETTLED),
+                old.c.intake_key.is_(None),
+                ~waiting.exists(),
+            )
+            .order_by(old.c.ended_at)
+            .limit(limit)
+        )
+        stmt = (
+            delete(submissions)
+            .where(submissions.c.id.in_(doomed.scalar_subquery()))
+            .returning(submissions.c.id)
+        )
+        async with self.engine.begin() as conn:
+            ids = list(await conn.scalars(stmt))
+            for part in _chunks(ids):
+                await conn.execute(delete(edges).where(edges.c.child.in_(part)))
+                await conn.execute(delete(edges).where(edges.c.parent.in_(part)))
+        return len(ids)
 
     # kinds
 
@@ -478,6 +561,7 @@ __all__ = [
     "DISPATCHED",
     "ENDED",
     "FAILING",
+    "PURGE_BATCH",
     "RELEASING",
     "Blocked",
     "Ending",

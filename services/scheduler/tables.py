@@ -13,6 +13,8 @@ BLOCKED = "blocked"
 RELEASING = "releasing"
 FAILING = "failing"
 ENDED = "ended"
+#: States a row never leaves: its work went out, or its ending was published.
+SETTLED = (DISPATCHED, ENDED)
 
 metadata = MetaData()
 
@@ -28,6 +30,7 @@ submissions = Table(
     Column("outcome", String(16)),  # the first terminal status heard of
     Column("error_type", String(200)),
     Column("error_message", Text),  # why a task ended without running (dependency)
+    Column("ended_at", UtcDateTime),  # when `outcome` was recorded; retention counts from it
     # An AMQP submission without an id: a digest of its delivery, kept until its ack is
     # recorded, so a redelivery after a crash finds the task its first delivery made.
     Column("intake_key", String(64)),
@@ -40,6 +43,13 @@ Index(
     submissions.c.intake_key,
     postgresql_where=submissions.c.intake_key.is_not(None),
     sqlite_where=submissions.c.intake_key.is_not(None),
+)
+# Retention's scan, oldest ending first; partial: rows not ended cost no index entry.
+Index(
+    "ix_submissions_ended_at",
+    submissions.c.ended_at,
+    postgresql_where=submissions.c.ended_at.is_not(None),
+    sqlite_where=submissions.c.ended_at.is_not(None),
 )
 
 edges = Table(
