@@ -14,7 +14,7 @@ from typing import Annotated
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from leveret.contracts import POOL_PATTERN, Tag
+from leveret.contracts import MAX_EVENT_BYTES, MAX_RESULT_BYTES, POOL_PATTERN, Pool, Tag
 from leveret.topology import DEFAULT_NAMESPACE, Topology
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
@@ -104,7 +104,19 @@ class SchedulerSettings(CommonSettings):
         description="Extra task kinds to accept besides built-ins and those workers announce.",
     )
 
-    _split_kinds = field_validator("kinds", mode="before")(_split_csv)
+    pools: Annotated[list[Pool], NoDecode] = Field(
+        default_factory=lambda: ["default"],
+        description="Pools tasks may be submitted to, besides those a worker announced; "
+        "a task for any other pool is refused (`unknown_pool`).",
+    )
+    max_requirement_sets: int = Field(
+        default=256,
+        ge=1,
+        description="Distinct `requires` sets (per pool; each has a queue) the scheduler "
+        "routes to; a task with a new set beyond it is refused.",
+    )
+
+    _split_kinds = field_validator("kinds", "pools", mode="before")(_split_csv)
 
     @model_validator(mode="after")
     def _default_database(self) -> SchedulerSettings:

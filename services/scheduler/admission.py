@@ -45,6 +45,7 @@ from leveret.contracts import (
 from leveret.db import map_db_errors
 from leveret.errors import SubmissionError, UnavailableError
 from leveret.handlers import BUILTIN_KINDS
+from leveret.scheduler.catalog import PoolCatalog, RequirementSets
 from leveret.scheduler.dispatch import Announced, Dispatcher
 from leveret.scheduler.holds import ParentOutcome, describe_cycle, due_time, find_cycle, is_held
 from leveret.scheduler.store import BLOCKED, CLAIMED, DELAYED, Submission, SubmissionStore
@@ -62,20 +63,32 @@ def describe(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
+#: Kinds learned from worker announcements, at most (anyone with access to the events
+#: exchange can announce): beyond, new ones are ignored.
+MAX_ANNOUNCED_KINDS = 10_000
+
+
 class KindCatalog:
     """The task kinds the scheduler accepts: built-ins, configured, and announced by workers."""
 
     def __init__(self, configured: Iterable[str] = ()) -> None:
         self._kinds: set[str] = set(BUILTIN_KINDS) | set(configured)
+        self._announced = 0
         #: Kinds whose workers announced a cluster-wide limit: they go to the kind's
-        #: single-active-consumer queue (see leveret.worker.limits).
+        #: single-active-consumer queue (see leveret.worker.limits). Known kinds only.
         self.limited: set[str] = set()
 
     def add(self, names: Iterable[str]) -> set[str]:
-        """Learn kinds; return the ones that are new."""
-        new = set(names) - self._kinds
+        """Learn kinds; return the ones that are new (none past the bound)."""
+        room = max(MAX_ANNOUNCED_KINDS - self._announced, 0)
+        new = set(sorted(set(names) - self._kinds)[:room])
         self._kinds |= new
+        self._announced += len(new)
         return new
+
+    def limit(self, names: Iterable[str]) -> None:
+        """Mark known kinds as having a cluster-wide limit."""
+        self.limited.update(n for n in names if n in self._kinds)
 
     def __contains__(self, kind: object) -> bool:
         return kind in self._kinds
@@ -279,8 +292,12 @@ class Admission:
         batch_wait_ms: float = 2.0,
         on_delayed: Callable[[datetime], None] = lambda _: None,
         on_blocked: Callable[[Sequence[str]], None] = lambda _: None,
+        pools: PoolCatalog | None = None,
+        requirement_sets: RequirementSets | None = None,
     ) -> None:
         self.store = store
+        self.pools = pools  # None: any pool
+        self.requirement_sets = requirement_sets  # None: no limit
         self.dispatcher = dispatcher
         self.batch_max = batch_max
         self.batch_wait_s = batch_wait_ms / 1000
@@ -341,7 +358,7 @@ class Admission:
         """Admit a batch of requests in one transaction and one burst of publishes. The
         one boundary of admission: store and broker errors leave as leveret errors."""
         with map_db_errors(), map_broker_errors():
-            admitted, known = await self._check_parents(batch)
+            admitted, known = await self._check_parents(await self._check_routes(batch))
             answers = await self._process([s for r in admitted for s in r.subs], known)
         offset = 0
         for request in admitted:
@@ -360,6 +377,27 @@ class Admission:
             weight=lambda request: len(request.subs),
         )
         return batch
+
+    async def _check_routes(self, batch: list[_Request]) -> list[_Request]:
+        """Refuse each request naming a pool that is not allowed, or a requirement set
+        one too many; remember the new sets of the others (before any queue is made)."""
+        admitted: list[_Request] = []
+        new: set[str] = set()
+        for request in batch:
+            try:
+                if self.pools is not None:
+                    self.pools.check(request.subs)
+                if self.requirement_sets is not None:
+                    new |= self.requirement_sets.new_keys(request.subs, new)
+            except SubmissionError as err:
+                _fail([request], err)
+                continue
+            admitted.append(request)
+        if new and self.requirement_sets is not None:
+            await self.store.add_requirement_sets(new)
+            self.requirement_sets.add(new)
+            logger.info("{} new requirement sets", len(new))
+        return admitted
 
     async def _check_parents(
         self, batch: list[_Request]

@@ -19,6 +19,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from loguru import logger
 from pydantic import ValidationError
+from starlette.requests import ClientDisconnect
 
 from leveret import __version__
 from leveret.contracts import Accepted, CancelTask, SubmitBatch, SubmitTask
@@ -64,6 +65,29 @@ def _unavailable(exc: BaseException) -> JSONResponse:
 async def _unavailable_handler(_request: Request, exc: Exception) -> JSONResponse:
     """503 + Retry-After while the scheduler's database or broker is unavailable."""
     return _unavailable(exc)
+
+
+async def read_body(request: Request, limit: int, what: str = "submission") -> bytes:
+    """The request body, refused (413) by its ``Content-Length`` before any of it is
+    read, or, without one (chunked), as soon as what has arrived passes `limit`."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise SubmissionError(
+            "payload_too_large", f"{what} is {declared} bytes; the limit is {limit}", 413
+        )
+    body = bytearray()
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise SubmissionError(
+                    "payload_too_large", f"{what} is over {limit} bytes, the limit", 413
+                )
+    except ClientDisconnect as exc:
+        raise SubmissionError(
+            "incomplete_body", "the client left before its body ended", 400
+        ) from exc
+    return bytes(body)
 
 
 def _decode(body: bytes, max_bytes: int) -> SubmitTask:
@@ -117,9 +141,8 @@ class _Routes:
 
     async def submit(self, request: Request) -> JSONResponse:
         """Submit one task. 202 when accepted; 200 with status `duplicate` for a known id."""
-        body = await request.body()
         try:
-            task = _decode(body, self.max_bytes)
+            task = _decode(await read_body(request, self.max_bytes), self.max_bytes)
             check_supported(task, self.kinds)
             work = submission(task, envelope(task))
             check_graph([work])
@@ -135,9 +158,10 @@ class _Routes:
 
     async def submit_batch(self, request: Request) -> JSONResponse:
         """Submit many tasks at once (all or none are accepted): ``{"tasks": [...]}``."""
-        body = await request.body()
         try:
-            works = self._batch(body)
+            works = self._batch(
+                await read_body(request, self.max_bytes * BATCH_BODY_FACTOR, "batch")
+            )
         except SubmissionError as err:
             return _error(err, getattr(err, "index", None))
         except Exception as exc:  # the decoder is meant to be total; a 4xx, never a 500
@@ -155,11 +179,6 @@ class _Routes:
         return JSONResponse({"tasks": [a.model_dump() for a in answers]}, status_code=202)
 
     def _batch(self, body: bytes) -> list[Submission]:
-        limit = self.max_bytes * BATCH_BODY_FACTOR
-        if len(body) > limit:
-            raise SubmissionError(
-                "payload_too_large", f"batch is {len(body)} bytes; the limit is {limit}", 413
-            )
         works: list[Submission] = []
         for index, task in enumerate(_parse_batch(body).tasks):
             try:
@@ -182,6 +201,11 @@ class _Routes:
             answer = await request_cancel(self.admission.store, self.admission.dispatcher, command)
         except UnavailableError as exc:
             return _unavailable(exc)
+        except Exception as exc:  # the store refused for good (StoreError), or a bug: no 500
+            logger.opt(exception=exc).error("cancellation of {} failed", task_id)
+            err = unprocessable(exc)
+            err.message = f"cannot cancel task {task_id!r}: {err.message}"
+            return _error(err)
         if answer is CancelAnswer.UNKNOWN:
             return _error(SubmissionError("unknown_task", f"no task {task_id!r} was accepted", 404))
         if answer is CancelAnswer.FINISHED:
@@ -195,6 +219,7 @@ class _Routes:
             "accepted": self.admission.accepted,
             "duplicates": self.admission.duplicates,
             "kinds": self.kinds.names(),
+            "pools": self.admission.pools.names() if self.admission.pools else None,
         }
 
 

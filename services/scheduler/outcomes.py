@@ -29,12 +29,19 @@ from aio_pika.abc import (
 )
 from loguru import logger
 from pydantic import ValidationError
-from tenacity import AsyncRetrying, retry_if_exception, wait_exponential_jitter
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
 
-from leveret.amqp import BROKER_EXCEPTIONS, ack_batch, open_channel, return_to_queue
+from leveret.amqp import (
+    BROKER_EXCEPTIONS,
+    ack_batch,
+    map_broker_errors,
+    open_channel,
+    return_to_queue,
+)
 from leveret.batching import fill_batch
 from leveret.contracts import ENDED_STATUSES, TaskResult, TasksEnded, decode_event
-from leveret.db import is_transient
+from leveret.db import map_db_errors
+from leveret.errors import StoreUnavailable, UnavailableError
 from leveret.scheduler.dependencies import Resolver
 from leveret.scheduler.store import SubmissionStore
 from leveret.topology import Topology
@@ -116,28 +123,38 @@ class Outcomes:
         try:
             waiting = await self._record(outcomes)
             if waiting:
-                await self.resolver.resolve(waiting)
+                with map_db_errors(), map_broker_errors():
+                    await self.resolver.resolve(waiting)
+        except UnavailableError as exc:  # the broker or store failed: they come back later
+            logger.warning("resolving after {} outcomes failed, returning them: {}", len(kept), exc)
+            await _return_all(kept)
+            return
         except Exception:  # loop boundary: give the batch back; the delivery limit counts
             logger.exception("recording {} outcomes failed; returning them", len(kept))
-            for delivery in kept:
-                await return_to_queue(delivery)
+            await _return_all(kept)
             return
         self.recorded += len(outcomes)
         await ack_batch(kept)
 
     async def _record(self, outcomes: list[tuple[str, str, str | None]]) -> list[str]:
-        """Record in one transaction, waiting out transient database failures."""
+        """Record in one transaction, waiting out an unavailable database (a
+        :class:`StoreUnavailable`; a :class:`StoreError` is raised at once)."""
         async for attempt in AsyncRetrying(
             wait=wait_exponential_jitter(multiplier=0.05, max=5.0, jitter=0.2),
-            retry=retry_if_exception(is_transient),
+            retry=retry_if_exception_type(StoreUnavailable),
             before_sleep=lambda s: logger.warning(
                 "recording outcomes failed, retrying: {}", s.outcome and s.outcome.exception()
             ),
             reraise=True,
         ):
-            with attempt:
+            with attempt, map_db_errors():
                 return await self.store.record_outcomes(outcomes)
         raise AssertionError("unreachable")  # pragma: no cover
+
+
+async def _return_all(deliveries: list[AbstractIncomingMessage]) -> None:
+    for delivery in deliveries:
+        await return_to_queue(delivery)
 
 
 def _outcomes(body: bytes) -> list[tuple[str, str, str | None]]:

@@ -5,13 +5,17 @@ its address. Each submitted *task* costs one token (a batch of 500 costs 500), s
 batching does not dodge the limit. When a bucket is empty the API answers 429
 with ``Retry-After`` (whole seconds until enough tokens are back) and accepts
 nothing from that request. Buckets live in the scheduler's memory: with several
-scheduler replicas each enforces its own share.
+scheduler replicas each enforces its own share. At most `max_clients` buckets are
+kept: past it the least recently seen client is forgotten (and with it any full
+bucket next in line: a full bucket carries no state), so one that comes back
+starts with a full burst again.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -37,7 +41,7 @@ class RateLimiter:
         self.burst = max(burst, 1.0)
         self.clock = clock
         self.max_clients = max_clients
-        self._buckets: dict[str, _Bucket] = {}
+        self._buckets: OrderedDict[str, _Bucket] = OrderedDict()  # least recently seen first
 
     @property
     def enabled(self) -> bool:
@@ -52,8 +56,10 @@ class RateLimiter:
         bucket = self._buckets.get(client)
         if bucket is None:
             if len(self._buckets) >= self.max_clients:
-                self._forget_full(now)
+                self._make_room(now)
             bucket = self._buckets[client] = _Bucket(self.burst, now)
+        else:
+            self._buckets.move_to_end(client)
         bucket.tokens = min(self.burst, bucket.tokens + (now - bucket.stamp) * self.rate)
         bucket.stamp = now
         if cost > self.burst:
@@ -63,12 +69,12 @@ class RateLimiter:
             return 0.0
         return (cost - bucket.tokens) / self.rate
 
-    def _forget_full(self, now: float) -> None:
-        """Drop clients whose buckets have refilled: they carry no state worth keeping."""
-        full = [
-            key
-            for key, b in self._buckets.items()
-            if b.tokens + (now - b.stamp) * self.rate >= self.burst
-        ]
-        for key in full:
-            del self._buckets[key]
+    def _make_room(self, now: float) -> None:
+        """Forget the least recently seen clients: one at least, and every full bucket
+        after it up to the first that is not (O(1) a client, amortised)."""
+        while self._buckets:
+            bucket = next(iter(self._buckets.values()))
+            full = bucket.tokens + (now - bucket.stamp) * self.rate >= self.burst
+            if not full and len(self._buckets) < self.max_clients:
+                return
+            self._buckets.popitem(last=False)

@@ -13,9 +13,12 @@ from pydantic import ValidationError
 
 from leveret.amqp import BROKER_EXCEPTIONS, connect, json_message, open_channel
 from leveret.contracts import SchedulerStarted, WorkerStarted, decode_event
+from leveret.db import map_db_errors
+from leveret.errors import LeveretError
 from leveret.runtime import http_server, run_service, wait_started
 from leveret.scheduler.admission import Admission, KindCatalog
 from leveret.scheduler.api import create_app
+from leveret.scheduler.catalog import PoolCatalog, RequirementSets
 from leveret.scheduler.dependencies import Resolver
 from leveret.scheduler.dispatch import Dispatcher
 from leveret.scheduler.intake import Intake
@@ -44,6 +47,9 @@ async def run(
         declared = await settings.topology.declare(channel)
         kinds = KindCatalog(settings.kinds)
         kinds.add(await store.known_kinds())
+        pools = PoolCatalog(settings.pools)
+        pools.add(await store.known_pools())
+        sets = RequirementSets(settings.max_requirement_sets, await store.known_requirement_sets())
         dispatcher = Dispatcher(declared, limited=kinds.limited)
         releaser = Releaser(store, dispatcher, batch_max=settings.batch_max)
         resolver = Resolver(store, dispatcher, on_delayed=releaser.wake)
@@ -54,6 +60,8 @@ async def run(
             batch_wait_ms=settings.batch_wait_ms,
             on_delayed=releaser.wake,
             on_blocked=resolver.kick,
+            pools=pools,
+            requirement_sets=sets,
         )
         await admission.recover()
         await resolver.recover()
@@ -75,7 +83,7 @@ async def run(
                 purger = Purger(store, settings.retention)
                 holders.append(group.create_task(purger.run(), name="retention"))
             await outcomes.start(connection)
-            kinds_channel = await _watch_kinds(connection, settings, kinds, store)
+            kinds_channel = await _watch_workers(connection, settings, kinds, pools, store)
             intake_channel = await open_channel(connection, prefetch=settings.intake_prefetch)
             intake_queue = await settings.topology.intake.declare(intake_channel)
             tag = await intake_queue.consume(intake.on_message)
@@ -121,13 +129,15 @@ async def run(
         await store.close()
 
 
-async def _watch_kinds(
+async def _watch_workers(
     connection: AbstractRobustConnection,
     settings: SchedulerSettings,
     kinds: KindCatalog,
+    pools: PoolCatalog,
     store: SubmissionStore,
 ) -> AbstractChannel:
-    """Learn the kinds workers announce (on `worker.started`); returns the channel."""
+    """Learn the kinds and pools workers announce (on `worker.started`), and remember
+    them in the store; returns the channel."""
     channel = await open_channel(connection, prefetch=100)
     exchange = await channel.get_exchange(settings.topology.events_exchange)
     queue = await channel.declare_queue(exclusive=True, auto_delete=True)
@@ -141,14 +151,31 @@ async def _watch_kinds(
                 logger.warning("ignoring malformed worker announcement: {}", exc)
                 return
             if isinstance(event, WorkerStarted):
-                kinds.limited.update(event.worker.limits)
-                new = kinds.add(event.worker.kinds)
-                if new:
-                    await store.add_kinds(new)
-                    logger.info("learned kinds {} from {}", sorted(new), event.worker.id)
+                await _learn(event, kinds, pools, store)
 
     await queue.consume(on_event)
     return channel
+
+
+async def _learn(
+    event: WorkerStarted, kinds: KindCatalog, pools: PoolCatalog, store: SubmissionStore
+) -> None:
+    """Accept what a worker announced (within the catalogs' bounds) and remember it in
+    the store; a store error only logs: workers announce again when a scheduler starts."""
+    worker = event.worker
+    new_kinds = kinds.add(worker.kinds)
+    kinds.limit(worker.limits)
+    new_pools = pools.add([worker.pool])
+    if new_kinds:
+        logger.info("learned kinds {} from {}", sorted(new_kinds), worker.id)
+    if new_pools:
+        logger.info("learned pool {} from {}", worker.pool, worker.id)
+    try:
+        with map_db_errors():
+            await store.add_kinds(new_kinds)
+            await store.add_pools(new_pools)
+    except LeveretError as exc:
+        logger.warning("announcement of {} not remembered: {}", worker.id, exc)
 
 
 def main(settings: SchedulerSettings) -> None:

@@ -55,6 +55,8 @@ from leveret.scheduler.tables import (
     edges,
     kinds,
     metadata,
+    pools,
+    requirement_sets,
     submissions,
 )
 
@@ -552,6 +554,35 @@ class SubmissionStore:
         async with self.engine.begin() as conn:
             stmt = insert_for(self.engine, kinds).on_conflict_do_nothing(index_elements=["name"])
             await conn.execute(stmt, rows)
+
+    # pools and requirement sets (see leveret.scheduler.catalog)
+
+    async def known_pools(self) -> set[str]:
+        """Every pool a worker has announced."""
+        async with self.engine.connect() as conn:
+            return {r.name for r in await conn.execute(select(pools.c.name))}
+
+    async def add_pools(self, names: Iterable[str]) -> None:
+        """Remember pools announced by a worker."""
+        await self._remember(pools, "name", names)
+
+    async def known_requirement_sets(self) -> set[str]:
+        """The routing key of every requirement set tasks were admitted with."""
+        async with self.engine.connect() as conn:
+            return {r.key for r in await conn.execute(select(requirement_sets.c.key))}
+
+    async def add_requirement_sets(self, keys: Iterable[str]) -> None:
+        """Remember requirement sets (by routing key) before tasks are admitted with them."""
+        await self._remember(requirement_sets, "key", keys)
+
+    async def _remember(self, table: Any, column: str, values: Iterable[str]) -> None:
+        rows = [{column: v, "first_seen": utcnow()} for v in set(values)]
+        if rows:
+            async with self.engine.begin() as conn:
+                stmt = insert_for(self.engine, table).on_conflict_do_nothing(
+                    index_elements=[column]
+                )
+                await conn.execute(stmt, rows)
 
 
 __all__ = [

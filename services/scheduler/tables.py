@@ -66,3 +66,19 @@ kinds = Table(
     Column("name", String(128), primary_key=True),
     Column("first_seen", DateTime(timezone=True), nullable=False),
 )
+
+# Pools workers announced, and requirement sets tasks were admitted with (by routing
+# key): each has queues of its own, so both are bounded, and remembered across restarts.
+pools = Table(
+    "pools",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("first_seen", DateTime(timezone=True), nullable=False),
+)
+
+requirement_sets = Table(
+    "requirement_sets",
+    metadata,
+    Column("key", String(200), primary_key=True),
+    Column("first_seen", DateTime(timezone=True), nullable=False),
+)

@@ -1,0 +1,174 @@
+"""The scheduler's bounds on a real broker, real processes: pools are an allowlist and
+requirement sets are capped (neither makes a queue it refuses, and both are remembered
+across a restart), request bodies are refused by size before they are read, and a
+cancellation the store refuses for good is answered clearly, not with a 500."""
+
+from __future__ import annotations
+
+import socket
+import sqlite3
+from typing import Any
+
+import aio_pika
+import httpx
+import pytest
+from helpers import drop_namespace, eventually
+from test_backbone import PikaProducer
+
+from leveret.cli.procs import Cluster
+
+pytestmark = pytest.mark.broker
+
+MAX_SETS = 2
+MAX_BYTES = 1000
+
+
+async def queue_exists(url: str, name: str) -> bool:
+    """Whether the broker has a queue of this name (a passive declare)."""
+    connection = await aio_pika.connect(
+        url, client_properties={"connection_name": f"test-queue-probe-{name}"}
+    )
+    async with connection:
+        channel = await connection.channel()
+        try:
+            await channel.declare_queue(name, passive=True)
+        except aio_pika.exceptions.ChannelClosed:
+            return False
+        return True
+
+
+def post(c: Cluster, **task: Any) -> httpx.Response:
+    return httpx.post(f"{c.scheduler_url}/tasks", json={"kind": "echo", **task}, timeout=10)
+
+
+def error_of(r: httpx.Response) -> tuple[int, str, str]:
+    detail = r.json()["detail"]
+    return r.status_code, detail["error"], detail["message"]
+
+
+async def test_pools_are_an_allowlist_and_requirement_sets_are_capped(cluster: Cluster) -> None:
+    cluster.extra_env["LEVERET_MAX_REQUIREMENT_SETS"] = str(MAX_SETS)
+    cluster.start_scheduler()
+    work = f"{cluster.namespace}.work"
+
+    # An unknown pool: refused over HTTP, naming it and the allowed ones ...
+    status, code, message = error_of(post(cluster, pool="nowhere"))
+    assert (status, code) == (422, "unknown_pool")
+    assert "'nowhere'" in message and "default" in message
+    # ... and over AMQP: a `rejected` result and the dead-lettered original.
+    producer = PikaProducer(cluster.amqp_url, cluster.namespace)
+    try:
+        producer.publish(b'{"kind": "echo"}', correlation_id="lost", routing_key="nowhere")
+        result = producer.collect({"lost"})["lost"]["body"]
+        assert (result["status"], result["error"]["type"]) == ("rejected", "unknown_pool")
+        method, props, _ = producer.channel.basic_get(f"{cluster.namespace}.rejected", True)
+        assert method is not None and props.headers["x-leveret-error-type"] == "unknown_pool"
+    finally:
+        producer.close()
+    assert not await queue_exists(cluster.amqp_url, f"{work}.nowhere")
+
+    # A pool becomes allowed when a worker of it announces itself.
+    assert error_of(post(cluster, pool="gpu"))[1] == "unknown_pool"
+    worker = cluster.start_worker("gpu-1", "--pool", "gpu")
+
+    async def gpu_allowed() -> bool:
+        async with httpx.AsyncClient(base_url=cluster.scheduler_url, timeout=5) as http:
+            health = (await http.get("/healthz")).json()
+        return "gpu" in health["pools"]
+
+    await eventually(gpu_allowed, 20, "the scheduler to learn pool gpu")
+    assert post(cluster, pool="gpu").status_code == 202
+
+    # Requirement sets: up to the cap, then only the sets already in use.
+    assert post(cluster, requires=["a"]).status_code == 202
+    assert post(cluster, requires=["b"]).status_code == 202
+    status, code, message = error_of(post(cluster, requires=["c"]))
+    assert (status, code) == (422, "too_many_requirement_sets") and str(MAX_SETS) in message
+    assert post(cluster, requires=["a"]).status_code == 202
+    assert not await queue_exists(cluster.amqp_url, f"{work}.default.req.c")
+
+    # A restart, with no worker left to announce anything: both are remembered.
+    worker.stop()
+    next(s for s in cluster.services if s.name == "scheduler").stop()
+    cluster.start_scheduler()
+    assert post(cluster, pool="gpu").status_code == 202
+    assert error_of(post(cluster, requires=["c"]))[1] == "too_many_requirement_sets"
+    assert post(cluster, requires=["b"]).status_code == 202
+    assert error_of(post(cluster, pool="nowhere"))[1] == "unknown_pool"
+    drop_namespace(cluster.amqp_url, cluster.namespace, ("default", "gpu"), [["a"], ["b"], ["c"]])
+
+
+def raw_request(port: int, head: str, body: bytes = b"") -> bytes:
+    """Send a request's head and (part of) a body, then read what the server answers
+    within a few seconds, without ever finishing the body."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(head.encode() + b"\r\n\r\n" + body)
+        answer = b""
+        while not _whole(answer):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+        return answer
+
+
+def _whole(answer: bytes) -> bool:
+    head, sep, body = answer.partition(b"\r\n\r\n")
+    if not sep:
+        return False
+    for line in head.lower().split(b"\r\n"):
+        if line.startswith(b"content-length:"):
+            return len(body) >= int(line.split(b":")[1])
+    return True
+
+
+def status_of(answer: bytes) -> int:
+    return int(answer.split(b" ", 2)[1])
+
+
+def test_bodies_are_refused_by_size_before_they_are_read(cluster: Cluster) -> None:
+    cluster.extra_env["LEVERET_MAX_PAYLOAD_BYTES"] = str(MAX_BYTES)
+    scheduler = cluster.start_scheduler()
+    port = cluster.scheduler_port
+    json_head = "Host: x\r\nContent-Type: application/json"
+    # A declared length over the limit: answered at once, the body never sent.
+    for path, length in (("/tasks", MAX_BYTES + 1), ("/tasks/batch", 10**9)):
+        head = f"POST {path} HTTP/1.1\r\n{json_head}\r\nContent-Length: {length}"
+        answer = raw_request(port, head, b'{"kind": ')
+        assert status_of(answer) == 413, answer
+        assert b"payload_too_large" in answer, answer
+    # Chunked, no length: refused once what arrived passes the limit, the body unfinished.
+    chunk = b"x" * (MAX_BYTES + 10)
+    head = f"POST /tasks HTTP/1.1\r\n{json_head}\r\nTransfer-Encoding: chunked"
+    answer = raw_request(port, head, f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+    assert status_of(answer) == 413 and b"payload_too_large" in answer, answer
+    # A chunked body within the limit is read whole and admitted.
+    ok = httpx.post(
+        f"{cluster.scheduler_url}/tasks",
+        content=iter([b'{"kind": "echo", ', b'"payload": "chunked"}']),
+        headers={"content-type": "application/json"},
+        timeout=10,
+    )
+    assert ok.status_code == 202, ok.text
+    assert scheduler.alive()
+
+
+def test_a_cancellation_the_store_refuses_is_answered_without_a_500(cluster: Cluster) -> None:
+    scheduler = cluster.start_scheduler()
+    held = post(cluster, delay_s=3600)
+    assert held.status_code == 202 and held.json()["status"] == "delayed"
+    task_id = held.json()["id"]
+    # The database now refuses every update of a submission: a lasting StoreError.
+    db = sqlite3.connect(cluster.workdir / "data" / "scheduler.db")
+    with db:
+        db.execute(
+            "CREATE TRIGGER refuse BEFORE UPDATE ON submissions "
+            "BEGIN SELECT RAISE(ABORT, 'refused by the test'); END"
+        )
+    db.close()
+    r = httpx.delete(f"{cluster.scheduler_url}/tasks/{task_id}", timeout=10)
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"]["error"] == "unprocessable"
+    assert task_id in r.json()["detail"]["message"]
+    assert "refused by the test" in r.json()["detail"]["message"]
+    assert scheduler.alive()
