@@ -144,6 +144,14 @@ class TrackerSettings(CommonSettings):
         description="RabbitMQ management API, e.g. http://user:pass@host:15672; "
         "derived from amqp_url when unset.",
     )
+    worker_retention: float = Field(
+        default=3600.0,
+        gt=0,
+        description="How long a stopped worker, or one fenced or gone, stays listed "
+        "(GET /workers) before its registration is dropped; seconds or 1h/90m.",
+    )
+
+    _parse_worker_retention = field_validator("worker_retention", mode="before")(parse_duration)
 
     @model_validator(mode="after")
     def _default_database(self) -> TrackerSettings:

@@ -1,8 +1,11 @@
 """The tracker's HTTP API: task status and results, workers, statistics, health.
 
-An id the tracker never heard of is a 404 ("unknown task"), never `pending`. While
-the database cannot be reached (or stays locked), every read answers 503 with
-``Retry-After``.
+An id the tracker never heard of is a 404 ("unknown task"), never `pending`. A task
+that retention purged (finished more than ``LEVERET_RETENTION`` ago) is a 410 Gone
+while its id is remembered (one more retention period), then a 404 whose message
+names retention. While the database cannot be reached (or stays locked), every read
+answers 503 with ``Retry-After``; a statement the database refuses for good answers
+500 with a message (both JSON, never a traceback).
 """
 
 from __future__ import annotations
@@ -18,8 +21,11 @@ from pydantic import BaseModel, JsonValue
 from sqlalchemy.exc import SQLAlchemyError
 
 from leveret.contracts import TaskStatus, utcnow
-from leveret.db import is_transient
+from leveret.db import map_db_errors
+from leveret.errors import LeveretError, StoreError, StoreUnavailable
 from leveret.settings import TrackerSettings
+from leveret.tracker.purge import PurgedTask
+from leveret.tracker.retention import format_duration
 from leveret.tracker.state import AttemptOutcome, TaskRecord
 from leveret.tracker.store import MAX_PAGE, InvalidCursor, TrackerStore
 from leveret.tracker.workers import Death, WorkerState, WorkerView, unmet_requirements
@@ -140,10 +146,11 @@ class LatencyView(BaseModel):
 
 
 class StatsView(BaseModel):
-    """Body of `GET /stats`."""
+    """Body of `GET /stats`: `counts` and `total` include the tasks retention purged."""
 
     counts: dict[TaskStatus, int]
     total: int
+    purged: int = 0
     throughput: ThroughputView
     latency_s: LatencyView
     workers: list[WorkerStatsView]
@@ -229,16 +236,55 @@ def _worker_info(w: WorkerView) -> WorkerInfoView:
     )
 
 
-async def _database_unavailable(_request: Request, exc: Exception) -> JSONResponse:
-    """503 + Retry-After while the database is unavailable; anything else stays a 500."""
-    if not is_transient(exc):
-        raise exc
-    logger.warning("tracker API: database unavailable: {}", exc)
-    return JSONResponse(
-        {"detail": {"error": "unavailable", "message": f"database unavailable: {exc}"}},
-        status_code=503,
-        headers={"Retry-After": str(RETRY_AFTER_S)},
-    )
+async def _store_failed(_request: Request, exc: Exception) -> JSONResponse:
+    """503 + Retry-After while the database is unavailable; 500 with a message when it
+    refused a statement for good. A database error that escaped the store's own
+    mapping is mapped here, at the API's boundary."""
+    if not isinstance(exc, LeveretError):
+        try:
+            with map_db_errors():
+                raise exc
+        except LeveretError as mapped:
+            exc = mapped
+    if isinstance(exc, StoreUnavailable):
+        logger.warning("tracker API: {}", exc)
+        return JSONResponse(
+            {"detail": {"error": "unavailable", "message": str(exc)}},
+            status_code=503,
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        )
+    logger.opt(exception=exc).error("tracker API: {}", exc)
+    return JSONResponse({"detail": {"error": "store_error", "message": str(exc)}}, status_code=500)
+
+
+async def _find(store: TrackerStore, task_id: str, retention_s: float) -> TaskRecord:
+    """The task, or the 404/410 that says why there is none."""
+    if "\x00" in task_id:  # no store can hold it (PostgreSQL refuses it in text)
+        raise _not_found(task_id, None, retention_s)
+    record = await store.get_task(task_id)
+    if record is None:
+        purged = await store.purged_task(task_id) if retention_s > 0 else None
+        raise _not_found(task_id, purged, retention_s)
+    return record
+
+
+def _not_found(task_id: str, purged: PurgedTask | None, retention_s: float) -> HTTPException:
+    """410 for a purged task still remembered, else 404 (naming retention when it is on)."""
+    kept = format_duration(retention_s)
+    if purged is not None:
+        finished = purged.finished_at.isoformat() if purged.finished_at else "unknown"
+        return HTTPException(
+            410,
+            f"task {task_id!r} ended {purged.status} (finished {finished}) more than {kept} "
+            "ago and was purged (LEVERET_RETENTION)",
+        )
+    if retention_s > 0:
+        return HTTPException(
+            404,
+            f"unknown task {task_id!r} (never heard of, or finished more than {kept} ago "
+            "and purged: LEVERET_RETENTION)",
+        )
+    return HTTPException(404, f"unknown task {task_id!r}")
 
 
 def create_app(
@@ -255,15 +301,18 @@ def create_app(
         summary=f"Task status, results and workers of namespace {settings.namespace!r}.",
     )
 
-    app.add_exception_handler(SQLAlchemyError, _database_unavailable)
-    app.add_exception_handler(OSError, _database_unavailable)
+    for error in (StoreError, StoreUnavailable, SQLAlchemyError, OSError):
+        app.add_exception_handler(error, _store_failed)
 
-    @app.get("/tasks/{task_id}", response_model=TaskView)
+    @app.get(
+        "/tasks/{task_id}",
+        response_model=TaskView,
+        responses={404: {"description": "Unknown task"}, 410: {"description": "Purged"}},
+    )
     async def get_task(task_id: str) -> TaskView:
-        """A task's status, result or error, attempts and timestamps."""
-        record = await store.get_task(task_id)
-        if record is None:
-            raise HTTPException(404, f"unknown task {task_id!r}")
+        """A task's status, result or error, attempts and timestamps. 410 Gone for a task
+        retention purged (finished more than `LEVERET_RETENTION` ago)."""
+        record = await _find(store, task_id, settings.retention)
         waiting_for = None
         if record.requires and record.status in (TaskStatus.PENDING, TaskStatus.RETRYING):
             workers = await store.list_workers(clock())
@@ -300,6 +349,7 @@ def create_app(
         return StatsView(
             counts=s.counts,
             total=s.total,
+            purged=s.purged,
             throughput=ThroughputView(last_60s=s.throughput_60s, overall=s.throughput_overall),
             latency_s=LatencyView(
                 p50=s.latency_s["p50"],
@@ -316,7 +366,7 @@ def create_app(
         problems: list[str] = []
         try:
             await store.ping()
-        except (SQLAlchemyError, OSError) as exc:
+        except LeveretError as exc:
             logger.warning("health check: database unreachable: {}", exc)
             problems.append("database unreachable")
         if not consuming():

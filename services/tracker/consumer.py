@@ -9,8 +9,10 @@ nothing awaited between them, and marked sent after it (see
 :mod:`leveret.tracker.replies`; a redelivered message's task gets a reply still owed).
 A batch that owes no reply costs nothing more. A message
 that cannot be decoded is rejected without requeue, so the queue dead-letters it
-to the `rejected` queue; it is never acked and forgotten. When the database is
-unavailable the same batch is retried with backoff and stays unacked
+to the `rejected` queue; it is never acked and forgotten. So is a message bigger
+than its bound (:func:`size_limit`), refused before it is parsed, never recorded.
+When the database is unavailable (:class:`~leveret.errors.StoreUnavailable`, from
+:func:`leveret.db.map_db_errors`) the same batch is retried with backoff and stays unacked
 (back-pressure through the prefetch window, not loss). If the store refuses a
 batch for another reason, its messages are applied one by one and only the ones
 it still refuses are dead-lettered. Redelivered messages are harmless: applying
@@ -24,6 +26,7 @@ or sent while the tracker was cut off from the broker, is not silence.
 from __future__ import annotations
 
 import asyncio
+import time
 from datetime import datetime
 
 from aio_pika.abc import (
@@ -36,7 +39,12 @@ from aio_pika.abc import (
 )
 from loguru import logger
 from pydantic import ValidationError
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_exponential_jitter
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    wait_exponential_jitter,
+)
 
 from leveret.amqp import (
     BROKER_EXCEPTIONS,
@@ -52,15 +60,26 @@ from leveret.amqp import (
 )
 from leveret.batching import fill_batch
 from leveret.contracts import (
+    MAX_EVENT_BYTES,
+    MAX_RESULT_BYTES,
     EndedTask,
     TaskResult,
     TasksAccepted,
     TasksEnded,
+    TasksStarted,
+    WorkerHeartbeat,
     decode_event,
     utcnow,
 )
-from leveret.db import is_transient
-from leveret.topology import RK_TASKS_ENDED, Topology
+from leveret.db import map_db_errors
+from leveret.errors import StoreUnavailable
+from leveret.topology import (
+    RK_TASKS_ACCEPTED,
+    RK_TASKS_ENDED,
+    RK_TASKS_STARTED,
+    RK_WORKER_HEARTBEAT,
+    Topology,
+)
 from leveret.tracker.ledger import message_ids
 from leveret.tracker.replies import ReplySender
 from leveret.tracker.state import TaskRecord, TrackerMessage
@@ -68,14 +87,51 @@ from leveret.tracker.store import Applied, TrackerStore
 
 #: Outcomes per `tasks.ended` event (a batch may hold more).
 ENDED_PER_EVENT = 1000
+#: Bound on the events whose size grows with a batch or a worker's concurrency
+#: (`tasks.accepted` chunks, `tasks.started`, `tasks.ended`, heartbeats listing up to
+#: 10,000 tasks in flight); every other event is bounded by MAX_EVENT_BYTES.
+MAX_BATCH_EVENT_BYTES = 8 * 1024 * 1024
+_BATCH_EVENTS = {
+    RK_TASKS_ACCEPTED: TasksAccepted,
+    RK_TASKS_STARTED: TasksStarted,
+    RK_TASKS_ENDED: TasksEnded,
+    RK_WORKER_HEARTBEAT: WorkerHeartbeat,
+}
+#: At most one log line per this many seconds about oversized messages.
+OVERSIZED_LOG_EVERY_S = 60.0
 
 
 class Undecodable(ValueError):
     """A delivery that is not a message the tracker understands."""
 
 
-def decode(topology: Topology, exchange: str, body: bytes) -> TrackerMessage:
-    """The message in a delivery, by the exchange it came through; raises :class:`Undecodable`."""
+class Oversized(Undecodable):
+    """A delivery bigger than its bound: refused unparsed."""
+
+
+def size_limit(topology: Topology, exchange: str, routing_key: str) -> int:
+    """The largest body the tracker parses from this exchange under this routing key."""
+    if exchange == topology.results_exchange:
+        return MAX_RESULT_BYTES
+    if routing_key in _BATCH_EVENTS:
+        return MAX_BATCH_EVENT_BYTES
+    return MAX_EVENT_BYTES
+
+
+def decode(topology: Topology, exchange: str, body: bytes, routing_key: str = "") -> TrackerMessage:
+    """The message in a delivery, by the exchange it came through; raises :class:`Undecodable`
+    (:class:`Oversized` before parsing a body over :func:`size_limit`)."""
+    limit = size_limit(topology, exchange, routing_key)
+    if len(body) > limit:
+        raise Oversized(f"{len(body)} bytes, over the bound of {limit} for {routing_key!r}")
+    message = _parse(topology, exchange, body)
+    expected = _BATCH_EVENTS.get(routing_key)
+    if len(body) > MAX_EVENT_BYTES and expected is not None and not isinstance(message, expected):
+        raise Oversized(f"{len(body)} bytes, over the bound of {MAX_EVENT_BYTES} for its type")
+    return message
+
+
+def _parse(topology: Topology, exchange: str, body: bytes) -> TrackerMessage:
     try:
         if exchange == topology.results_exchange:
             return TaskResult.model_validate_json(body)
@@ -118,6 +174,9 @@ class Consumer:
         self.batch_wait_s = batch_wait_ms / 1000
         self.applied = 0
         self.refused = 0
+        self.oversized = 0
+        self._oversized_logged = 0  # how many had been refused at the last log line
+        self._oversized_log_at = float("-inf")
         self._buffer: asyncio.Queue[AbstractIncomingMessage | None] = asyncio.Queue()
         self._channel: AbstractChannel | None = None
         self._queue: AbstractQueue | None = None
@@ -214,15 +273,29 @@ class Consumer:
         )
         return [m for m in batch if m is not None]
 
-    async def _process(self, batch: list[AbstractIncomingMessage]) -> None:
+    async def _decode_all(
+        self, batch: list[AbstractIncomingMessage]
+    ) -> list[tuple[AbstractIncomingMessage, TrackerMessage]]:
+        """The batch's messages; every delivery that is not one is dead-lettered."""
         decoded: list[tuple[AbstractIncomingMessage, TrackerMessage]] = []
         for delivery in batch:
             try:
-                decoded.append(
-                    (delivery, decode(self.topology, delivery.exchange or "", delivery.body))
+                message = decode(
+                    self.topology,
+                    delivery.exchange or "",
+                    delivery.body,
+                    delivery.routing_key or "",
                 )
+            except Oversized as exc:
+                await self._refuse_oversized(delivery, str(exc))
             except Undecodable as exc:
                 await self._refuse(delivery, str(exc))
+            else:
+                decoded.append((delivery, message))
+        return decoded
+
+    async def _process(self, batch: list[AbstractIncomingMessage]) -> None:
+        decoded = await self._decode_all(batch)
         if not decoded:
             return
         # Tasks named by redelivered messages that can make a reply owed (a result, or
@@ -299,14 +372,14 @@ class Consumer:
         return replied
 
     async def _apply(self, messages: list[TrackerMessage], resend: set[str]) -> Applied:
-        """Apply in one transaction, waiting out transient database failures."""
+        """Apply in one transaction, waiting out :class:`StoreUnavailable`."""
         async for attempt in AsyncRetrying(
             wait=wait_exponential_jitter(multiplier=0.05, max=5.0, jitter=0.2),
-            retry=retry_if_exception(is_transient),
+            retry=retry_if_exception_type(StoreUnavailable),
             before_sleep=_log_retry,
             reraise=True,
         ):
-            with attempt:
+            with attempt, map_db_errors():
                 return await self.store.apply(messages, resend=resend)
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -344,9 +417,28 @@ class Consumer:
             return False
         return True
 
+    async def _refuse_oversized(self, delivery: AbstractIncomingMessage, reason: str) -> None:
+        """Dead-letter an oversized delivery, unparsed; one log line (with the count so
+        far) per :data:`OVERSIZED_LOG_EVERY_S` at most, so a flood does not flood the log."""
+        self.oversized += 1
+        now = time.monotonic()
+        if now - self._oversized_log_at >= OVERSIZED_LOG_EVERY_S:
+            logger.warning(
+                "refused oversized message {} from exchange {!r} key {!r}: {}; "
+                "{} oversized refused so far ({} since the last such line)",
+                delivery.message_id,
+                delivery.exchange,
+                delivery.routing_key,
+                reason,
+                self.oversized,
+                self.oversized - self._oversized_logged,
+            )
+            self._oversized_log_at = now
+            self._oversized_logged = self.oversized
+        await self._dead_letter(delivery)
+
     async def _refuse(self, delivery: AbstractIncomingMessage, reason: str) -> None:
         """Dead-letter one delivery (reject without requeue) and say why."""
-        self.refused += 1
         logger.warning(
             "rejected message {} from exchange {!r} key {!r}: {}",
             delivery.message_id,
@@ -355,6 +447,10 @@ class Consumer:
             reason,
         )
         logger.debug("rejected body: {!r}", delivery.body[:512])
+        await self._dead_letter(delivery)
+
+    async def _dead_letter(self, delivery: AbstractIncomingMessage) -> None:
+        self.refused += 1
         try:
             await delivery.reject(requeue=False)
         except BROKER_EXCEPTIONS as exc:

@@ -41,12 +41,17 @@ import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 from loguru import logger
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception_type,
+    stop_after_delay,
+    wait_exponential_jitter,
+)
 
 from leveret.amqp import json_message
 from leveret.contracts import REPLY_RESULT, TaskError, TaskResult, utcnow
-from leveret.db import is_transient
-from leveret.errors import BrokerError
+from leveret.db import map_db_errors
+from leveret.errors import BrokerError, LeveretError, StoreUnavailable
 from leveret.tracker.state import TaskRecord
 from leveret.tracker.store import TrackerStore
 
@@ -128,13 +133,13 @@ class ReplySender:
         try:
             async for attempt in AsyncRetrying(
                 wait=wait_exponential_jitter(multiplier=0.05, max=5.0, jitter=0.2),
-                retry=retry_if_exception(is_transient),
+                retry=retry_if_exception_type(StoreUnavailable),
                 stop=stop_after_delay(30),
                 reraise=True,
             ):
-                with attempt:
+                with attempt, map_db_errors():
                     await self.store.mark_replies_sent(task_ids, utcnow())
-        except Exception:  # the replies are out; only the record of it is missing
+        except LeveretError:  # the replies are out; only the record of it is missing
             logger.exception("marking {} replies sent failed", len(task_ids))
             return
         self.sent += len(task_ids)

@@ -1,5 +1,5 @@
 """``leveret tracker``: the tracker-queue consumer, the dead-letter consumer, the worker
-watchdog, the reply sender and the HTTP API, in one process."""
+watchdog, the reply sender, retention and the HTTP API, in one process."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from leveret.tracker.api import create_app
 from leveret.tracker.consumer import Consumer
 from leveret.tracker.deadletters import DeadLetters
 from leveret.tracker.replies import ReplySender
+from leveret.tracker.retention import Retention
 from leveret.tracker.store import TrackerStore
 from leveret.tracker.watchdog import Watchdog
 
@@ -61,6 +62,11 @@ async def run(
                 listening_since=consumer.listening_since,
                 started_at=started_at,
             )
+            retention = Retention(
+                store,
+                retention_s=settings.retention,
+                worker_retention_s=settings.worker_retention,
+            )
             app = create_app(
                 store, settings, consuming=lambda: consumer.running and dead_letters.running
             )
@@ -72,6 +78,7 @@ async def run(
                 batches = group.create_task(consumer.run(), name="tracker-consumer")
                 letters = group.create_task(dead_letters.run(), name="tracker-dead-letters")
                 watching = group.create_task(watchdog.run(stop), name="tracker-watchdog")
+                purging = group.create_task(retention.run(stop), name="tracker-retention")
                 http = group.create_task(server.serve(), name="tracker-http")
                 if await wait_started(server, stop):
                     logger.info(
@@ -90,6 +97,7 @@ async def run(
 
                 logger.info("tracker stopping: applying what it holds")
                 await watching
+                await purging
                 await consumer.stop()
                 await dead_letters.stop()
                 await _drain(batches, letters)

@@ -1,4 +1,7 @@
-"""Statistics over the tracker's tasks: counts by status, throughput, latency percentiles."""
+"""Statistics over the tracker's tasks: counts by status, throughput, latency percentiles.
+
+Counts and overall throughput include the tasks retention purged (kept per status in
+`purged_counts`), so totals do not drop when old tasks are deleted."""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from leveret.contracts import TaskStatus
+from leveret.tracker.purge import purged_totals
 from leveret.tracker.tables import tasks
 from leveret.tracker.workers import WorkerView
 
@@ -32,6 +36,7 @@ class Stats:
     latency_s: dict[str, float | None]
     latency_sample: int
     workers: list[WorkerView] = field(default_factory=list)
+    purged: int = 0  # of `counts`, how many retention deleted
 
     @property
     def total(self) -> int:
@@ -53,6 +58,9 @@ async def task_figures(conn: AsyncConnection, now: datetime) -> Stats:
     counts = {s: 0 for s in TaskStatus}
     for status, n in grouped:
         counts[TaskStatus(status)] = n
+    purged, purged_since = await purged_totals(conn)
+    for status, n in purged.items():
+        counts[status] += n
     recent = await conn.scalar(
         select(func.count()).where(
             tasks.c.status.in_(_FINISHED_WORK),
@@ -63,14 +71,18 @@ async def task_figures(conn: AsyncConnection, now: datetime) -> Stats:
     return Stats(
         counts=counts,
         throughput_60s=(recent or 0) / THROUGHPUT_WINDOW_S,
-        throughput_overall=await _overall_throughput(conn, counts),
+        throughput_overall=await _overall_throughput(conn, counts, purged_since),
         latency_s={f"p{p}": percentile(latencies, p) for p in (50, 95, 99)},
         latency_sample=len(latencies),
+        purged=sum(purged.values()),
     )
 
 
-async def _overall_throughput(conn: AsyncConnection, counts: dict[TaskStatus, int]) -> float:
-    """Completed+failed per second from the first recorded task to the last finish."""
+async def _overall_throughput(
+    conn: AsyncConnection, counts: dict[TaskStatus, int], purged_since: datetime | None
+) -> float:
+    """Completed+failed per second from the first recorded task (purged ones included) to
+    the last finish."""
     done = counts[TaskStatus.COMPLETED] + counts[TaskStatus.FAILED]
     if not done:
         return 0.0
@@ -85,6 +97,8 @@ async def _overall_throughput(conn: AsyncConnection, counts: dict[TaskStatus, in
         select(func.max(tasks.c.finished_at)).where(tasks.c.status.in_(_FINISHED_WORK))
     )
     start = next((t for t in first or () if t is not None), None)
+    if purged_since is not None:
+        start = purged_since if start is None else min(start, purged_since)
     if start is None or last is None:
         return 0.0
     span = (last - start).total_seconds()

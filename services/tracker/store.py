@@ -15,6 +15,13 @@ same commit and hands the record back (:attr:`Applied.replies`); the sender mark
 `sent` once it went out (:meth:`TrackerStore.mark_replies_sent`); a redelivered
 message hands back its task's reply still owed (``resend``; see
 :mod:`leveret.tracker.replies`).
+
+Retention (:mod:`leveret.tracker.purge`) deletes in small write transactions of the
+same kind, so a batch of messages waits for at most one purge batch.
+
+Every method raises only leveret's errors: SQLAlchemy and driver errors are mapped
+by :func:`leveret.db.map_db_errors` (:class:`~leveret.errors.StoreUnavailable` is
+worth retrying, :class:`~leveret.errors.StoreError` is not).
 """
 
 from __future__ import annotations
@@ -33,8 +40,15 @@ from sqlalchemy import bindparam, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from leveret.contracts import EndedTask, TaskStatus
-from leveret.db import create_engine, insert_for
+from leveret.db import create_engine, insert_for, map_db_errors
 from leveret.tracker.ledger import Ledger, TaskChange, load_ids
+from leveret.tracker.purge import (
+    PurgedTask,
+    drop_workers,
+    find_purged,
+    forget_purged,
+    purge_tasks,
+)
 from leveret.tracker.state import (
     Attempt,
     ReplyState,
@@ -138,8 +152,8 @@ class TrackerStore:
         await self.engine.dispose()
 
     async def ping(self) -> None:
-        """Raise if the database cannot be reached."""
-        async with self.engine.connect() as conn:
+        """Raise :class:`~leveret.errors.StoreUnavailable` if the database cannot be reached."""
+        async with self._reading() as conn:
             await conn.execute(select(1))
 
     # writing
@@ -195,7 +209,7 @@ class TrackerStore:
             workers.c.last_seen < cutoff,
             (workers.c.death.is_(None)) | (workers.c.death == Death.UNFENCED.value),
         )
-        async with self.engine.connect() as conn:
+        async with self._reading() as conn:
             return [to_worker(r) for r in await conn.execute(query)]
 
     async def mark_replies_sent(self, task_ids: Sequence[str], at: datetime) -> int:
@@ -218,10 +232,42 @@ class TrackerStore:
         """A read-modify-write transaction, one at a time: in this process (the consumer,
         the watchdog and the dead-letter consumer write concurrently) and, on PostgreSQL,
         across tracker replicas (an advisory lock taken before anything is read)."""
-        async with self._write_lock, self.engine.begin() as conn:
-            if self.engine.dialect.name == "postgresql":
-                await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _APPLY_LOCK})
-            yield conn
+        with map_db_errors():
+            async with self._write_lock, self.engine.begin() as conn:
+                if self.engine.dialect.name == "postgresql":
+                    await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _APPLY_LOCK})
+                yield conn
+
+    @contextlib.asynccontextmanager
+    async def _reading(self) -> AsyncIterator[AsyncConnection]:
+        """A read-only connection; database errors mapped like a write's."""
+        with map_db_errors():
+            async with self.engine.connect() as conn:
+                yield conn
+
+    # retention
+
+    async def purge_finished(self, cutoff: datetime, now: datetime, limit: int) -> int:
+        """Purge up to `limit` finished tasks that ended before `cutoff`, in one write
+        transaction (see :mod:`leveret.tracker.purge`); returns how many."""
+        async with self._writing() as conn:
+            return await purge_tasks(conn, cutoff, now, limit)
+
+    async def forget_purged(self, cutoff: datetime, limit: int) -> int:
+        """Forget up to `limit` ids purged before `cutoff` (then answered 404, not 410)."""
+        async with self._writing() as conn:
+            return await forget_purged(conn, cutoff, limit)
+
+    async def drop_workers(self, cutoff: datetime, limit: int) -> list[str]:
+        """Drop up to `limit` registrations of workers stopped, fenced or gone before
+        `cutoff` and silent since; returns their ids."""
+        async with self._writing() as conn:
+            return await drop_workers(conn, cutoff, limit)
+
+    async def purged_task(self, task_id: str) -> PurgedTask | None:
+        """What is remembered of a purged task, or None."""
+        async with self._reading() as conn:
+            return await find_purged(conn, task_id)
 
     async def _ledger(
         self, conn: AsyncConnection, task_ids: set[str], worker_ids: set[str]
@@ -315,7 +361,7 @@ class TrackerStore:
 
     async def get_task(self, task_id: str) -> TaskRecord | None:
         """One task with its attempt history, or None if the tracker never heard of it."""
-        async with self.engine.connect() as conn:
+        async with self._reading() as conn:
             found = await self._load_tasks(conn, [task_id])
         return found.get(task_id)
 
@@ -336,7 +382,7 @@ class TrackerStore:
             query = query.where(tasks.c.kind == kind)
         if cursor is not None:
             query = query.where(tasks.c.seq < decode_cursor(cursor))
-        async with self.engine.connect() as conn:
+        async with self._reading() as conn:
             rows = list(await conn.execute(query))
         more = len(rows) > limit
         rows = rows[:limit]
@@ -345,7 +391,7 @@ class TrackerStore:
 
     async def list_workers(self, now: datetime) -> list[WorkerView]:
         """Every registered worker with its state at `now` and its recorded results."""
-        async with self.engine.connect() as conn:
+        async with self._reading() as conn:
             records = [to_worker(r) for r in await conn.execute(select(workers))]
             counters = await self._counters(conn)
         return [
@@ -364,7 +410,7 @@ class TrackerStore:
 
     async def stats(self, now: datetime) -> Stats:
         """Counts by status, throughput, latency percentiles and per-worker totals at `now`."""
-        async with self.engine.connect() as conn:
+        async with self._reading() as conn:
             figures = await task_figures(conn, now)
             counters = await self._counters(conn)
         registered = {w.id: w for w in await self.list_workers(now)}

@@ -111,6 +111,28 @@ worker_counters = Table(
     Column("busy_s", Float, nullable=False, default=0.0),
 )
 
+#: Tasks purged by retention, per status (added in the purge's transaction): `/stats`
+#: totals stay right. `first_at` is the earliest time of a purged task (for throughput).
+purged_counts = Table(
+    "purged_counts",
+    metadata,
+    Column("status", String(16), primary_key=True),
+    Column("purged", BigInteger, nullable=False, default=0),
+    Column("first_at", UtcDateTime),
+)
+
+#: The ids of purged tasks, kept for one more retention period so that the API answers
+#: 410 (purged) rather than 404 (never heard of); a few dozen bytes each.
+purged_tasks = Table(
+    "purged_tasks",
+    metadata,
+    Column("id", String(200), primary_key=True),
+    Column("status", String(16), nullable=False),
+    Column("finished_at", UtcDateTime),
+    Column("purged_at", UtcDateTime, nullable=False, index=True),
+    sqlite_with_rowid=False,
+)
+
 # Filter by status or kind, newest first, without a sort.
 Index("ix_tasks_status_seq", tasks.c.status, tasks.c.seq)
 Index("ix_tasks_kind_seq", tasks.c.kind, tasks.c.seq)
