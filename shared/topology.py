@@ -7,7 +7,7 @@ namespace: ``leveret.submit``, ``leveret.results``, ``leveret.events``.
 
 ::
 
-    leveret.submit  (topic) --#--> leveret.intake (quorum) --> scheduler
+    leveret.submit  (topic) --#--> leveret.intake (quorum, bounded) --> scheduler
     leveret.work    (direct) --<pool>--> leveret.work.<pool> (quorum) --> workers
                              --<pool>.high--> leveret.work.<pool>.high
                              --<pool>.low---> leveret.work.<pool>.low
@@ -17,10 +17,11 @@ namespace: ``leveret.submit``, ``leveret.results``, ``leveret.events``.
     leveret.events  (topic, task.* / worker.*)      --#--> leveret.tracker
                     --task.ended--> leveret.scheduler.outcomes (quorum; the tracker's
                                     committed outcomes release blocked tasks)
-                    --task.cancel--> leveret.cancellations (stream, 1 day; every worker reads it)
-    leveret.requirements (stream): every requirement set the scheduler routes to;
+                    --task.cancel--> leveret.cancellations (stream, 1 day, 32 MiB; every
+                                     worker reads it)
+    leveret.requirements (stream, 256 MiB): every requirement set the scheduler routes to;
                     workers read it from the start and consume the sets they satisfy
-    leveret.dead    (direct) --rejected--> leveret.rejected (quorum, for people to inspect)
+    leveret.dead    (direct) --rejected--> leveret.rejected (quorum, newest 100k, for people)
                              --poison----> leveret.dead.letters (quorum, tracker)
     leveret.retry.<n>s (fanout) --> leveret.retry.<n>s (quorum, TTL n s)
                              --expired, dead-lettered--> leveret.work (same routing key: pool)
@@ -74,6 +75,23 @@ MAX_REQUIREMENT_TEXT = 120
 
 #: Deliveries of one intake message before it is dead-lettered (scheduler crash loops).
 INTAKE_DELIVERY_LIMIT = 5
+
+# Bounds on what producers can pile up in the broker (see docs/security.md, "Sizes").
+#: Submissions waiting in the intake queue, at most; past either bound the broker
+#: nacks a publish (`x-overflow: reject-publish`), never drops one silently.
+INTAKE_MAX_MESSAGES = 1_000_000
+#: Bytes of message bodies waiting in the intake queue, at most.
+INTAKE_MAX_BYTES = 1024**3
+#: Refused submissions kept for people to inspect: the newest this many (older go).
+REJECTED_MAX_MESSAGES = 100_000
+REJECTED_MAX_BYTES = 256 * 1024**2
+#: Size caps of the streams. Retention drops whole segments, oldest first.
+REQUIREMENTS_MAX_BYTES = 256 * 1024**2
+REQUIREMENTS_SEGMENT_BYTES = 8 * 1024**2
+CANCELLATIONS_MAX_BYTES = 32 * 1024**2
+CANCELLATIONS_SEGMENT_BYTES = 2 * 1024**2
+#: How long `task.cancel` commands are kept in their stream (and remembered by workers).
+CANCELLATIONS_MAX_AGE = "1D"
 
 
 def result_routing_key(status: str, pool: str, kind: str) -> str:
@@ -154,9 +172,16 @@ def _quorum(dead_letter_exchange: str, dead_letter_key: str, delivery_limit: int
 
 @dataclass(frozen=True)
 class Topology:
-    """Names and arguments of the whole topology under one namespace."""
+    """Names and arguments of the whole topology under one namespace.
+
+    Every service declares the same queues, so each argument must be the same in all
+    of them (a difference is a PRECONDITION_FAILED): the bounds are constants, and the
+    fields below exist for tests that need a queue that fills quickly.
+    """
 
     namespace: str = DEFAULT_NAMESPACE
+    intake_max_messages: int = INTAKE_MAX_MESSAGES
+    intake_max_bytes: int = INTAKE_MAX_BYTES
 
     # exchanges
     @property
@@ -187,11 +212,12 @@ class Topology:
     # queues
     @property
     def intake(self) -> QueueSpec:
-        """The scheduler's inbox: everything published to the submit exchange."""
-        return QueueSpec(
-            f"{self.namespace}.intake",
-            _quorum(self.dead_exchange, RK_REJECTED, INTAKE_DELIVERY_LIMIT),
-        )
+        """The scheduler's inbox: everything published to the submit exchange. Bounded:
+        once full, a publish is nacked (the producer's confirm says so) until it drains."""
+        arguments = _quorum(self.dead_exchange, RK_REJECTED, INTAKE_DELIVERY_LIMIT)
+        arguments["x-max-length"] = self.intake_max_messages
+        arguments["x-max-length-bytes"] = self.intake_max_bytes
+        return QueueSpec(f"{self.namespace}.intake", arguments)
 
     def work(self, pool: str, band: Band = Band.NORMAL) -> QueueSpec:
         """The work queue of one pool and priority band (`normal` by default)."""
@@ -221,8 +247,8 @@ class Topology:
         process, so size-based retention keeps them for as long as anyone needs."""
         arguments = {
             "x-queue-type": "stream",
-            "x-max-length-bytes": 256 * 1024 * 1024,
-            "x-stream-max-segment-size-bytes": 8 * 1024 * 1024,
+            "x-max-length-bytes": REQUIREMENTS_MAX_BYTES,
+            "x-stream-max-segment-size-bytes": REQUIREMENTS_SEGMENT_BYTES,
         }
         return QueueSpec(f"{self.namespace}.requirements", arguments)
 
@@ -245,8 +271,15 @@ class Topology:
 
     @property
     def rejected(self) -> QueueSpec:
-        """Refused submissions, kept with their reason for a person to inspect."""
-        return QueueSpec(f"{self.namespace}.rejected", {"x-queue-type": "quorum"})
+        """Refused submissions, kept with their reason for a person to inspect: the newest
+        ones (`drop-head`), so a flood of bad input never blocks the refusals."""
+        arguments = {
+            "x-queue-type": "quorum",
+            "x-max-length": REJECTED_MAX_MESSAGES,
+            "x-max-length-bytes": REJECTED_MAX_BYTES,
+            "x-overflow": "drop-head",
+        }
+        return QueueSpec(f"{self.namespace}.rejected", arguments)
 
     def retry_exchange(self, step_s: int) -> str:
         """The fanout exchange in front of one backoff step's TTL queue."""
@@ -266,8 +299,15 @@ class Topology:
     @property
     def cancellations(self) -> QueueSpec:
         """Every `task.cancel` of the last day, as a stream: each worker reads it from
-        the start, so one that joins later still knows which queued tasks not to run."""
-        arguments = {"x-queue-type": "stream", "x-max-age": "1D"}
+        the start, so one that joins later still knows which queued tasks not to run.
+        Small segments let the age limit drop old commands (retention drops whole
+        segments); the byte cap bounds a flood."""
+        arguments = {
+            "x-queue-type": "stream",
+            "x-max-age": CANCELLATIONS_MAX_AGE,
+            "x-max-length-bytes": CANCELLATIONS_MAX_BYTES,
+            "x-stream-max-segment-size-bytes": CANCELLATIONS_SEGMENT_BYTES,
+        }
         return QueueSpec(f"{self.namespace}.cancellations", arguments)
 
     @property
