@@ -287,6 +287,12 @@ def _not_found(task_id: str, purged: PurgedTask | None, retention_s: float) -> H
     return HTTPException(404, f"unknown task {task_id!r}")
 
 
+def _handle_store_errors(app: FastAPI) -> None:
+    """Store failures answer JSON (503 or 500 with a message), never a traceback."""
+    for error in (StoreError, StoreUnavailable, SQLAlchemyError, OSError):
+        app.add_exception_handler(error, _store_failed)
+
+
 def create_app(
     store: TrackerStore,
     settings: TrackerSettings,
@@ -301,8 +307,7 @@ def create_app(
         summary=f"Task status, results and workers of namespace {settings.namespace!r}.",
     )
 
-    for error in (StoreError, StoreUnavailable, SQLAlchemyError, OSError):
-        app.add_exception_handler(error, _store_failed)
+    _handle_store_errors(app)
 
     @app.get(
         "/tasks/{task_id}",
@@ -327,6 +332,8 @@ def create_app(
         cursor: str | None = None,
     ) -> TaskPageView:
         """Tasks newest first, filtered by status and kind, one page at a time."""
+        if kind is not None and "\x00" in kind:  # no task has it (PostgreSQL refuses it)
+            return TaskPageView(tasks=[], next_cursor=None)
         try:
             page = await store.list_tasks(status=status, kind=kind, limit=limit, cursor=cursor)
         except InvalidCursor as exc:
