@@ -2,8 +2,9 @@
 
 A background loop purges, every :func:`purge_every` seconds, the rows of tasks
 that ended more than ``LEVERET_RETENTION`` ago and that nothing needs any more
-(:meth:`~leveret.scheduler.store.SubmissionStore.purge` says which), in batches
-of :data:`~leveret.scheduler.store.PURGE_BATCH` rows, one short transaction each.
+(:meth:`~leveret.scheduler.store.SubmissionStore.purge` says which), walking them
+oldest first in batches of :data:`~leveret.scheduler.store.PURGE_BATCH` rows, one
+short transaction each.
 After each batch it leaves the store to writers for as long as the batch took, so
 a purge never takes more than half the store's time and a submission waits at
 most one batch. A purged id is unknown to the scheduler: submitted again, it is a
@@ -20,7 +21,7 @@ from datetime import datetime, timedelta
 from loguru import logger
 
 from leveret.contracts import utcnow
-from leveret.scheduler.store import PURGE_BATCH, SubmissionStore
+from leveret.scheduler.store import PURGE_BATCH, PurgeCursor, SubmissionStore
 
 #: The longest pause between two purges (a short retention purges more often).
 PURGE_EVERY_S = 60.0
@@ -56,12 +57,13 @@ class Purger:
         cutoff = self.clock() - self.retention
         started = time.monotonic()
         total = 0
+        after: PurgeCursor | None = None
         while True:
             batch_started = time.monotonic()
-            done = await self.store.purge(cutoff, self.batch)
+            done, after = await self.store.purge(cutoff, self.batch, after)
             total += done
             self.purged += done
-            if done < self.batch:
+            if after is None:
                 break
             # Let writers in: pause as long as the batch held the store.
             await asyncio.sleep(max(MIN_PAUSE_S, time.monotonic() - batch_started))

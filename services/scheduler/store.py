@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, delete, func, inspect, select, update
+from sqlalchemy import Connection, bindparam, delete, func, inspect, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from leveret.contracts import TaskMessage, TaskStatus, utcnow
@@ -62,7 +62,8 @@ from leveret.scheduler.tables import (
 
 # SQLite caps bound parameters per statement; stay well below.
 _IN_CHUNK = 500
-#: Rows one purge transaction deletes at most: short, so writers never wait long.
+#: Rows one purge transaction examines (and deletes) at most: short, so writers never
+#: wait long.
 PURGE_BATCH = 500
 
 
@@ -89,6 +90,14 @@ class Existing:
     id: str
     state: str
     submission: Submission
+
+
+@dataclass(frozen=True)
+class PurgeCursor:
+    """Where a purge goes on: after the row that ended at `ended_at` with this id."""
+
+    ended_at: datetime
+    id: str
 
 
 @dataclass(frozen=True)
@@ -504,39 +513,60 @@ class SubmissionStore:
 
     # retention
 
-    async def purge(self, cutoff: datetime, limit: int = PURGE_BATCH) -> int:
-        """Delete up to `limit` rows of tasks that ended before `cutoff` and that nothing
-        needs any more (see the module docstring), oldest first, with their edges, in
-        ONE short transaction; return how many."""
-        old = submissions.alias("old")
+    async def purge(
+        self, cutoff: datetime, limit: int = PURGE_BATCH, after: PurgeCursor | None = None
+    ) -> tuple[int, PurgeCursor | None]:
+        """Examine the next `limit` rows, after `after`, of tasks that ended before `cutoff`,
+        oldest first, and delete those nothing needs any more (see the module docstring),
+        with their edges, in ONE short transaction. Return how many were deleted, and
+        where to go on (None once every row that ended before `cutoff` was examined).
+
+        Rows kept are stepped over, never examined twice in one pass: a purge costs one
+        walk of the `ended_at` index, however many rows must stay."""
+        window = (
+            select(submissions.c.id, submissions.c.ended_at)
+            .where(submissions.c.ended_at < cutoff)
+            .order_by(submissions.c.ended_at, submissions.c.id)
+            .limit(limit)
+        )
+        if after is not None:
+            window = window.where(
+                tuple_(submissions.c.ended_at, submissions.c.id) > tuple_(after.ended_at, after.id)
+            )
+        async with self.engine.begin() as conn:
+            rows = list(await conn.execute(window))
+            ids = [r.id for r in rows]
+            deleted = await self._delete_unneeded(conn, ids)
+        if len(rows) < limit:
+            return len(deleted), None
+        return len(deleted), PurgeCursor(rows[-1].ended_at, rows[-1].id)
+
+    async def _delete_unneeded(self, conn: AsyncConnection, ids: Sequence[str]) -> list[str]:
+        """Delete the rows among `ids` that nothing needs any more, and their edges."""
         child = submissions.alias("child")
         waiting = (
             select(edges.c.child)
             .join(child, child.c.id == edges.c.child)
-            .where(edges.c.parent == old.c.id, child.c.state.not_in(SETTLED))
+            .where(edges.c.parent == submissions.c.id, child.c.state.not_in(SETTLED))
         )
-        doomed = (
-            select(old.c.id)
-            .where(
-                old.c.ended_at < cutoff,
-                old.c.state.in_(SETTLED),
-                old.c.intake_key.is_(None),
-                ~waiting.exists(),
+        deleted: list[str] = []
+        for part in _chunks(ids):
+            stmt = (
+                delete(submissions)
+                .where(
+                    submissions.c.id.in_(part),
+                    submissions.c.state.in_(SETTLED),
+                    submissions.c.intake_key.is_(None),
+                    ~waiting.exists(),
+                )
+                .returning(submissions.c.id)
             )
-            .order_by(old.c.ended_at)
-            .limit(limit)
-        )
-        stmt = (
-            delete(submissions)
-            .where(submissions.c.id.in_(doomed.scalar_subquery()))
-            .returning(submissions.c.id)
-        )
-        async with self.engine.begin() as conn:
-            ids = list(await conn.scalars(stmt))
-            for part in _chunks(ids):
-                await conn.execute(delete(edges).where(edges.c.child.in_(part)))
-                await conn.execute(delete(edges).where(edges.c.parent.in_(part)))
-        return len(ids)
+            gone = list(await conn.scalars(stmt))
+            if gone:
+                await conn.execute(delete(edges).where(edges.c.child.in_(gone)))
+                await conn.execute(delete(edges).where(edges.c.parent.in_(gone)))
+            deleted += gone
+        return deleted
 
     # kinds
 
@@ -597,6 +627,7 @@ __all__ = [
     "Blocked",
     "Ending",
     "Existing",
+    "PurgeCursor",
     "Submission",
     "SubmissionStore",
 ]

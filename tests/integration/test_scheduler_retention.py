@@ -26,6 +26,7 @@ from leveret.scheduler.store import (
     DISPATCHED,
     ENDED,
     Ending,
+    PurgeCursor,
     Submission,
     SubmissionStore,
 )
@@ -45,6 +46,17 @@ async def finish(store: SubmissionStore, ids: list[str], state: str = CLAIMED) -
     await store.claim([(sub(i), state) for i in ids])
     await store.mark_dispatched(ids)
     await store.record_outcomes([(i, "completed", None) for i in ids])
+
+
+async def purge_all(store: SubmissionStore, cutoff: datetime, batch: int = 500) -> list[int]:
+    """Purge as the purger does, batch after batch; return how many each deleted."""
+    counts: list[int] = []
+    after: PurgeCursor | None = None
+    while True:
+        deleted, after = await store.purge(cutoff, batch, after)
+        counts.append(deleted)
+        if after is None:
+            return counts
 
 
 async def known(store: SubmissionStore, ids: list[str]) -> set[str]:
@@ -77,7 +89,7 @@ async def test_ended_tasks_are_purged_in_batches_and_what_is_needed_stays(
     cutoff = utcnow()
     await finish(store, ["recent"])  # inside the retention window
 
-    assert [await store.purge(cutoff, 500) for _ in range(4)] == [500, 500, 100, 0]
+    assert await purge_all(store, cutoff) == [500, 500, 100]  # parent and keyed stay
     assert await known(store, old) == set()
     kept = ["running", "delayed", "child", "parent", "keyed", "recent"]
     assert await known(store, kept) == set(kept)
@@ -92,7 +104,7 @@ async def test_ended_tasks_are_purged_in_batches_and_what_is_needed_stays(
     assert ([s.id for s in now_], later) == (["child"], [])
     await store.mark_dispatched(["child"])
     await store.forget_intake(["keyed"])
-    assert await store.purge(cutoff, 500) == 2
+    assert await purge_all(store, cutoff) == [2]
     assert await known(store, kept) == {"running", "delayed", "child", "recent"}
     assert await edge_count(store) == 0
 
@@ -102,14 +114,14 @@ async def test_a_dependant_purged_with_its_edges_and_ended_ones_too(store: Submi
     await store.claim([(sub("p"), CLAIMED), (sub("c", depends_on=("p",)), BLOCKED)])
     await store.mark_dispatched(["p"])
     assert await store.record_outcomes([("p", "failed", "boom")]) == ["c"]
-    assert await store.purge(utcnow(), 500) == 0  # c still blocked: p stays
+    assert await purge_all(store, utcnow()) == [0]  # c still blocked: p stays
     (blocked,) = await store.blocked(["c"])
     decision = decide(blocked.parents)
     assert isinstance(decision, End)
     await store.end([Ending("c", decision.status, decision.error_type, decision.message)])
-    assert await store.purge(utcnow(), 500) == 0  # c failing: its ending not yet published
+    assert await purge_all(store, utcnow()) == [0]  # c failing: its ending not yet published
     await store.mark(["c"], ENDED)
-    assert await store.purge(utcnow(), 500) == 2
+    assert await purge_all(store, utcnow()) == [2]
     assert await edge_count(store) == 0
 
 
@@ -131,6 +143,9 @@ async def test_a_parent_purged_under_a_new_dependant_ends_it_expired(
 async def test_the_purger_runs_until_the_store_holds_only_the_window(
     store: SubmissionStore,
 ) -> None:
+    await store.claim([(sub("keyed", key="1" * 64), CLAIMED)])  # ended first, but kept
+    await store.mark_dispatched(["keyed"])
+    await store.record_outcomes([("keyed", "completed", None)])
     ids = [f"t{i}" for i in range(7)]
     await finish(store, ids)
     purger = Purger(store, 0.2, batch=3)
@@ -144,6 +159,7 @@ async def test_the_purger_runs_until_the_store_holds_only_the_window(
     finally:
         runner.cancel()
     assert purger.purged == 7
+    assert await known(store, ["keyed"]) == {"keyed"}
 
 
 async def test_tasks_that_ended_before_the_upgrade_are_purged_too(database_url: str) -> None:
@@ -178,7 +194,7 @@ async def test_tasks_that_ended_before_the_upgrade_are_purged_too(database_url: 
     await engine.dispose()
     store = await SubmissionStore.open(database_url)
     try:
-        assert await store.purge(utcnow() - timedelta(days=7), 500) == 1
+        assert await purge_all(store, utcnow() - timedelta(days=7)) == [1]
         assert await known(store, ["ended", "running"]) == {"running"}
     finally:
         await store.close()
