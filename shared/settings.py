@@ -97,6 +97,12 @@ class SchedulerSettings(CommonSettings):
         default=0.0, ge=0, description="Per-client HTTP submission rate, tasks/s (0: no limit)."
     )
     http_burst: int = Field(default=1000, ge=1, description="Per-client HTTP burst, tasks.")
+    http_body_budget_bytes: int = Field(
+        default=256 * MIB,
+        ge=1,
+        description="Bytes of HTTP request bodies held at once, all requests together; "
+        "a request past it is answered 503 `busy` with Retry-After, unread.",
+    )
     batch_max: int = Field(default=256, ge=1)
     batch_wait_ms: float = Field(default=2.0, ge=0)
     kinds: Annotated[list[str], NoDecode] = Field(

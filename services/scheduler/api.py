@@ -5,13 +5,16 @@ Bad input gets a 4xx whose ``detail`` says what is wrong:
 400 (not UTF-8, not JSON, not an object), 413 (too large, too many dependency
 edges), 422 (schema, out of bounds, unknown kind, unsupported field, unknown parent,
 dependency cycle, unprocessable); 503 + Retry-After when the broker or store cannot
-take it now (any :class:`UnavailableError`). Never a 500. A 202 for a held task
+take it now (any :class:`UnavailableError`), or when the bodies the API holds at once
+would pass their budget (`busy`). Never a 500. A 202 for a held task
 (status `delayed` or `blocked`) means it is durably in the scheduler's store.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -44,13 +47,46 @@ from leveret.scheduler.store import Submission
 
 #: A batch body may hold many tasks; each one's payload is still held to the task limit.
 BATCH_BODY_FACTOR = 64
+#: What one request takes of the body budget at least: handling it costs memory too.
+MIN_RESERVATION = 64 * 1024
+
+
+class BodyBudget:
+    """The bytes of request bodies the API holds at once, all requests together, at most
+    `limit`. A request reserves its declared length (without one, the most it may send)
+    before a byte is read; one that does not fit is answered 503 ``busy`` with
+    ``Retry-After``, unread. A request alone always fits."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    @contextlib.contextmanager
+    def hold(self, request: Request, most: int) -> Iterator[None]:
+        """Reserve room for `request`'s body for the time of the block."""
+        declared = request.headers.get("content-length", "")
+        size = int(declared) if declared.isdigit() and int(declared) <= most else most
+        need = min(max(size, MIN_RESERVATION), self.limit)
+        if self.used and self.used + need > self.limit:
+            raise SubmissionError(
+                "busy",
+                f"the scheduler holds {self.used} bytes of submissions (the limit is "
+                f"{self.limit}); retry shortly",
+                503,
+            )
+        self.used += need
+        try:
+            yield
+        finally:
+            self.used -= need
 
 
 def _error(err: SubmissionError, index: int | None = None) -> JSONResponse:
     detail: dict[str, Any] = {"error": err.code, "message": err.message}
     if index is not None:
         detail["index"] = index
-    return JSONResponse({"detail": detail}, status_code=err.status)
+    headers = {"Retry-After": "1"} if err.status == 503 else None
+    return JSONResponse({"detail": detail}, status_code=err.status, headers=headers)
 
 
 def _unavailable(exc: BaseException) -> JSONResponse:
@@ -110,12 +146,18 @@ class _Routes:
     """The route handlers, bound to one admission pipeline."""
 
     def __init__(
-        self, admission: Admission, kinds: KindCatalog, max_bytes: int, limiter: RateLimiter
+        self,
+        admission: Admission,
+        kinds: KindCatalog,
+        max_bytes: int,
+        limiter: RateLimiter,
+        budget: BodyBudget,
     ) -> None:
         self.admission = admission
         self.kinds = kinds
         self.max_bytes = max_bytes
         self.limiter = limiter
+        self.budget = budget
 
     def _throttle(self, request: Request, tasks: int) -> JSONResponse | None:
         """429 with Retry-After when this client is over its submission rate."""
@@ -142,6 +184,13 @@ class _Routes:
     async def submit(self, request: Request) -> JSONResponse:
         """Submit one task. 202 when accepted; 200 with status `duplicate` for a known id."""
         try:
+            with self.budget.hold(request, self.max_bytes):
+                return await self._submit(request)
+        except SubmissionError as err:
+            return _error(err)
+
+    async def _submit(self, request: Request) -> JSONResponse:
+        try:
             task = _decode(await read_body(request, self.max_bytes), self.max_bytes)
             check_supported(task, self.kinds)
             work = submission(task, envelope(task))
@@ -158,6 +207,13 @@ class _Routes:
 
     async def submit_batch(self, request: Request) -> JSONResponse:
         """Submit many tasks at once (all or none are accepted): ``{"tasks": [...]}``."""
+        try:
+            with self.budget.hold(request, self.max_bytes * BATCH_BODY_FACTOR):
+                return await self._submit_batch(request)
+        except SubmissionError as err:
+            return _error(err)
+
+    async def _submit_batch(self, request: Request) -> JSONResponse:
         try:
             works = self._batch(
                 await read_body(request, self.max_bytes * BATCH_BODY_FACTOR, "batch")
@@ -229,6 +285,7 @@ def create_app(
     *,
     max_bytes: int,
     limiter: RateLimiter | None = None,
+    body_budget_bytes: int = 256 * 1024 * 1024,
 ) -> FastAPI:
     """The scheduler's FastAPI app (no module-level app object)."""
     app = FastAPI(
@@ -236,7 +293,9 @@ def create_app(
         version=__version__,
         description="Submit tasks. Results: the tracker API or the leveret.results exchange.",
     )
-    routes = _Routes(admission, kinds, max_bytes, limiter or RateLimiter(0, 1))
+    routes = _Routes(
+        admission, kinds, max_bytes, limiter or RateLimiter(0, 1), BodyBudget(body_budget_bytes)
+    )
     app.post(
         "/tasks",
         status_code=202,

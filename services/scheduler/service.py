@@ -68,7 +68,13 @@ async def run(
         outcomes = Outcomes(store, resolver, settings.topology)
         intake = Intake(admission, declared, kinds, max_bytes=settings.max_payload_bytes)
         limiter = RateLimiter(settings.http_rate_per_s, settings.http_burst)
-        app = create_app(admission, kinds, max_bytes=settings.max_payload_bytes, limiter=limiter)
+        app = create_app(
+            admission,
+            kinds,
+            max_bytes=settings.max_payload_bytes,
+            limiter=limiter,
+            body_budget_bytes=settings.http_body_budget_bytes,
+        )
         server = http_server(app, settings.host, settings.port)
 
         async with asyncio.TaskGroup() as group:

@@ -153,6 +153,45 @@ def test_bodies_are_refused_by_size_before_they_are_read(cluster: Cluster) -> No
     assert scheduler.alive()
 
 
+async def test_bodies_held_at_once_have_a_budget(cluster: Cluster) -> None:
+    """Two slow clients that declared a body each and send it slowly hold the whole
+    budget: a third request is answered 503 `busy` at once, and is admitted again once
+    they are gone."""
+    cluster.extra_env["LEVERET_MAX_PAYLOAD_BYTES"] = str(100_000)
+    cluster.extra_env["LEVERET_HTTP_BODY_BUDGET_BYTES"] = str(200_000)
+    cluster.start_scheduler()
+    head = (
+        "POST /tasks HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        "Content-Length: 100000\r\n\r\n"
+    )
+    slow = [socket.create_connection(("127.0.0.1", cluster.scheduler_port)) for _ in range(2)]
+    for sock in slow:
+        sock.sendall(head.encode() + b'{"kind": "echo", "payload": "')
+    try:
+        async with httpx.AsyncClient(base_url=cluster.scheduler_url, timeout=10) as http:
+
+            async def third_is_busy() -> bool:
+                r = await http.post("/tasks", json={"kind": "echo"})
+                return r.status_code == 503
+
+            await eventually(third_is_busy, 10, "the budget to be held by the slow clients")
+            r = await http.post("/tasks", json={"kind": "echo"})
+            assert (r.status_code, r.json()["detail"]["error"]) == (503, "busy")
+            assert r.headers["retry-after"] == "1"
+            for sock in slow:
+                sock.close()
+            slow = []
+
+            async def admitted() -> bool:
+                r = await http.post("/tasks", json={"kind": "echo", "id": "after"})
+                return r.status_code in (200, 202)
+
+            await eventually(admitted, 10, "room once the slow clients left")
+    finally:
+        for sock in slow:
+            sock.close()
+
+
 def test_a_cancellation_the_store_refuses_is_answered_without_a_500(cluster: Cluster) -> None:
     scheduler = cluster.start_scheduler()
     held = post(cluster, delay_s=3600)
