@@ -4,8 +4,9 @@ Every :attr:`Retention.interval_s` it
 
 - purges tasks that finished more than ``LEVERET_RETENTION`` ago (terminal, and
   owing their producer no reply), :data:`~leveret.tracker.purge.PURGE_BATCH` per
-  transaction with a pause between batches, so that the consumer's writes wait for
-  one small batch at most;
+  transaction with a pause between batches as long as the batch took, so that the
+  consumer's writes wait for one small batch at most and keep at least half the
+  store's time;
 - forgets the ids it purged once they are one more retention period old (until
   then ``GET /tasks/{id}`` answers 410 Gone, after that 404);
 - drops the registrations of workers that stopped, or were fenced or gone, more
@@ -31,7 +32,8 @@ from leveret.tracker.store import TrackerStore
 
 #: Longest time between two sweeps.
 SWEEP_EVERY_S = 60.0
-#: Pause between two purge batches: the consumer's writes go first.
+#: Shortest pause between two purge batches (the pause is at least as long as the
+#: batch took): the consumer's writes go first.
 PURGE_PAUSE_S = 0.01
 
 
@@ -129,9 +131,12 @@ class Retention:
         """Run `step` until it removes less than a full batch; the total removed."""
         total = 0
         while stop is None or not stop.is_set():
+            began = time.monotonic()
             done = await step()
             total += done
             if done < self.batch:
                 break
-            await asyncio.sleep(self.pause_s)  # a pause for writers, not a synchronisation
+            # Yield the store to writers for as long as the batch held it (at least
+            # pause_s): a purge takes at most half the write capacity while it runs.
+            await asyncio.sleep(max(self.pause_s, time.monotonic() - began))
         return total
