@@ -2,9 +2,11 @@
 
 A 202 means the task is durably on its work queue (publisher confirm received).
 Bad input gets a 4xx whose ``detail`` says what is wrong:
-400 (not UTF-8, not JSON, not an object), 413 (too large, too many dependency
-edges), 422 (schema, out of bounds, unknown kind, unsupported field, unknown parent,
-dependency cycle, unprocessable); 503 + Retry-After when the broker or store cannot
+400 (not UTF-8, not JSON, not an object), 413 (too large, by ``Content-Length``
+before the body is read, or as soon as a chunked body passes the limit; too many
+dependency edges), 422 (schema, out of bounds, unknown kind, unknown pool, one
+requirement set too many, unsupported field, unknown parent, dependency cycle,
+unprocessable); 503 + Retry-After when the broker or store cannot
 take it now (any :class:`UnavailableError`), or when the bodies the API holds at once
 would pass their budget (`busy`). Never a 500. A 202 for a held task
 (status `delayed` or `blocked`) means it is durably in the scheduler's store.
