@@ -78,6 +78,8 @@ MAX_RESULT_BYTES = 1024 * 1024
 #: An error's `message` (and any error text) holds at most this many characters; a
 #: worker truncates a longer one, marking the cut.
 MAX_ERROR_MESSAGE_CHARS = 8192
+#: An error's `type` holds at most this many characters; a worker cuts a longer one.
+MAX_ERROR_TYPE_CHARS = 128
 #: Any other message a worker or producer publishes to the events exchange
 #: (heartbeats, progress, announcements, cancel requests) is at most this big.
 MAX_EVENT_BYTES = 64 * 1024

@@ -47,6 +47,24 @@ ProgressReporter = Callable[[float | None, str | None], None]
 #: Kinds every worker has. `shell` is left out: a worker offers it only when enabled.
 BUILTIN_KINDS = ("echo", "sleep", "fail", "http")
 
+#: A progress message holds at most this many characters (`TaskProgress.message`).
+MAX_PROGRESS_MESSAGE_CHARS = 1000
+
+
+def clip(text: str, limit: int) -> str:
+    """`text` held to `limit` characters, a cut marked with the length it had. Lone
+    surrogates (JSON cannot carry them; an exception's text may hold some) are escaped."""
+    total = len(text)
+    head = text[:limit]
+    try:
+        head.encode()
+    except UnicodeEncodeError:
+        head = head.encode("utf-8", "backslashreplace").decode()
+    if total <= limit and len(head) <= limit:
+        return head
+    marker = f"… [truncated, {total} characters in all]"
+    return head[: max(limit - len(marker), 0)] + marker
+
 
 @dataclass(frozen=True)
 class TaskContext:
@@ -72,11 +90,15 @@ class TaskContext:
         Cheap to call often: the worker forwards at most a few updates per second
         (always the latest) to `leveret.events` and the producer's `reply_to`.
         Works the same in async handlers and in sync ones running in a child process.
+        A message longer than 1000 characters is cut, the cut marked.
         """
         if fraction is not None and not 0.0 <= fraction <= 1.0:
             raise ValueError(f"progress fraction must be within 0..1, got {fraction}")
+        if message is not None and not isinstance(message, str):
+            raise TypeError(f"progress message must be a string, got {type(message).__name__}")
         if self.reporter is not None:
-            self.reporter(fraction, message[:1000] if message else message)
+            text = clip(message, MAX_PROGRESS_MESSAGE_CHARS) if message else message
+            self.reporter(fraction, text)
 
     def __getstate__(self) -> dict[str, Any]:
         # The reporter talks to this process's broker connection: a child process

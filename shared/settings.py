@@ -177,7 +177,7 @@ class WorkerSettings(CommonSettings):
     pool: str = Field(default="default", pattern=POOL_PATTERN)
     handlers: Annotated[list[str], NoDecode] = Field(default_factory=list)
     shell_enabled: bool = False
-    worker_id: str = Field(default_factory=_default_worker_id)
+    worker_id: str = Field(default_factory=_default_worker_id, min_length=1, max_length=200)
     heartbeat_interval_s: float = Field(default=1.0, gt=0)
     grace_period_s: float = Field(default=25.0, ge=0)
     started_flush_ms: float = Field(default=200.0, ge=0)
@@ -187,6 +187,21 @@ class WorkerSettings(CommonSettings):
     limits: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Cluster-wide kind limits, `kind:running=N,rate=R`, `;`-separated in env.",
+    )
+
+    max_result_bytes: int = Field(
+        default=MAX_RESULT_BYTES,
+        ge=MAX_EVENT_BYTES,
+        le=MAX_RESULT_BYTES,
+        description="Largest result message this worker sends; a bigger one fails its "
+        "attempt as `result_too_large`. At most the protocol's limit (1 MiB), at least "
+        "64 KiB, so that the failure itself always fits.",
+    )
+    max_requirement_sets: int = Field(
+        default=256,
+        ge=1,
+        description="Requirement sets of its pool this worker consumes at most (the "
+        "scheduler reads the same LEVERET_MAX_REQUIREMENT_SETS as its own cap).",
     )
 
     loop_block_limit_s: float = Field(

@@ -5,6 +5,10 @@ run in a killable child process (see :mod:`leveret.worker.isolation`), so a
 timeout always ends the attempt. An async handler that blocks the loop is
 interrupted by the worker's loop monitor with :class:`~leveret.errors.BlockedEventLoop`,
 a ``TaskFailed``: its attempt fails like any other. Nothing here touches the broker.
+
+Bounds: an error's text is cut to ``MAX_ERROR_MESSAGE_CHARS`` (the cut marked), and a
+result whose message would pass the worker's ``max_result_bytes`` fails its attempt
+as ``result_too_large`` instead of being sent (see docs/security.md, "Sizes").
 """
 
 from __future__ import annotations
@@ -18,20 +22,36 @@ from dataclasses import dataclass
 from typing import Any
 
 from loguru import logger
-from pydantic import JsonValue
+from pydantic import JsonValue, ValidationError
+from pydantic_core import PydanticSerializationError
 
-from leveret.contracts import TaskError, TaskMessage, TaskStatus
+from leveret.contracts import (
+    MAX_ERROR_MESSAGE_CHARS,
+    MAX_ERROR_TYPE_CHARS,
+    TaskError,
+    TaskMessage,
+    TaskResult,
+    TaskStatus,
+)
 from leveret.errors import BlockedEventLoop, TaskFailed
-from leveret.handlers import Handler, Registry, TaskContext
+from leveret.handlers import Handler, Registry, TaskContext, clip
 from leveret.topology import RETRY_STEPS_S
 from leveret.worker.isolation import CallTimedOut, HandlerCrashed, ProcessPool
 
 #: Failures that another attempt cannot fix, or must not try to: an async handler that
 #: blocks the event loop (`blocked_event_loop`) stalls every task and the heartbeats of
 #: the worker it runs on (see :mod:`leveret.worker.loopwatch`), so each retry would
-#: spread that harm to another worker's whole load; it fails once, saying why.
+#: spread that harm to another worker's whole load; it fails once, saying why. A result
+#: too large to send would be too large again.
 NOT_RETRIED = frozenset(
-    {"unknown_kind", "bad_payload", "shell_disabled", "result_not_json", BlockedEventLoop.TYPE}
+    {
+        "unknown_kind",
+        "bad_payload",
+        "shell_disabled",
+        "result_not_json",
+        "result_too_large",
+        BlockedEventLoop.TYPE,
+    }
 )
 
 
@@ -44,9 +64,57 @@ class Outcome:
     error: TaskError | None = None
 
 
+def task_error(kind: str, message: str) -> TaskError:
+    """An error of type `kind`, its type and message held to the protocol's bounds (a
+    long type is cut plainly: it is meant for machines)."""
+    plain = kind[:MAX_ERROR_TYPE_CHARS].encode("utf-8", "backslashreplace").decode()
+    return TaskError(
+        type=plain[:MAX_ERROR_TYPE_CHARS] or "error",
+        message=clip(message, MAX_ERROR_MESSAGE_CHARS),
+    )
+
+
 def failure(kind: str, message: str) -> Outcome:
     """A failed outcome with an error of type `kind`."""
-    return Outcome(TaskStatus.FAILED, None, TaskError(type=kind, message=message[:2000]))
+    return Outcome(TaskStatus.FAILED, None, task_error(kind, message))
+
+
+def describe(exc: BaseException) -> str:
+    """An exception's text (its repr if empty), even when its ``__str__`` itself fails."""
+    try:
+        return str(exc) or repr(exc)
+    except Exception:
+        return f"{type(exc).__name__} (its text could not be read)"
+
+
+def result_message(
+    fields: dict[str, Any], outcome: Outcome, max_bytes: int
+) -> tuple[TaskResult, bytes]:
+    """The result of an attempt and the body of its message, never over `max_bytes`: a
+    value JSON cannot carry fails the attempt as `result_not_json`, a message that would
+    be bigger than `max_bytes` as `result_too_large` (neither is retried)."""
+    try:
+        result = TaskResult(
+            status=outcome.status, result=outcome.value, error=outcome.error, **fields
+        )
+        body = result.model_dump_json().encode()
+    except (ValidationError, PydanticSerializationError) as exc:
+        why = "" if isinstance(exc, ValidationError) else f": {exc}"  # e.g. a lone surrogate
+        message = f"handler returned {type(outcome.value).__name__}{why}"
+        return _failed(fields, "result_not_json", message)
+    if len(body) > max_bytes:
+        message = (
+            f"the result message would be {len(body)} bytes, over the limit of {max_bytes} "
+            "bytes (LEVERET_MAX_RESULT_BYTES); it was not sent"
+        )
+        return _failed(fields, "result_too_large", message)
+    return result, body
+
+
+def _failed(fields: dict[str, Any], kind: str, message: str) -> tuple[TaskResult, bytes]:
+    bad = failure(kind, message)
+    result = TaskResult(status=bad.status, error=bad.error, **fields)
+    return result, result.model_dump_json().encode()
 
 
 def backoff_step_s(attempt: int) -> int:
@@ -113,12 +181,12 @@ class Executor:
         except CallTimedOut as exc:
             return failure("timeout", str(exc))
         except TaskFailed as exc:
-            return failure(exc.type, str(exc))
+            return failure(str(exc.type), describe(exc))
         except HandlerCrashed as exc:
             return failure("handler_crashed", str(exc))
         except Exception as exc:  # a handler's own bug: fail the task, keep the worker
             logger.opt(exception=exc).debug("handler raised")
-            return failure(type(exc).__name__, str(exc) or repr(exc))
+            return failure(type(exc).__name__, describe(exc))
         return Outcome(TaskStatus.COMPLETED, value)
 
     def _sendable(self, handler: Handler) -> bool:

@@ -32,8 +32,9 @@ from typing import Any
 
 from loguru import logger
 
+from leveret.contracts import MAX_ERROR_MESSAGE_CHARS
 from leveret.errors import TaskFailed
-from leveret.handlers import HandlerFunc, ProgressReporter, TaskContext
+from leveret.handlers import HandlerFunc, ProgressReporter, TaskContext, clip
 
 _CTX = multiprocessing.get_context("spawn")
 
@@ -68,10 +69,11 @@ def _child_main(conn: Connection) -> None:
             value = func(ctx, payload)
             if inspect.isawaitable(value):
                 value = asyncio.run(_await(value))
-        except TaskFailed as exc:
-            conn.send(("failed", exc.type, str(exc)))
+        except TaskFailed as exc:  # texts cut here too: a huge one need not cross the pipe
+            conn.send(("failed", exc.type, clip(str(exc), MAX_ERROR_MESSAGE_CHARS)))
         except BaseException as exc:  # report everything; the parent fails the task
-            conn.send(("error", type(exc).__name__, str(exc) or repr(exc)))
+            text = clip(str(exc) or repr(exc), MAX_ERROR_MESSAGE_CHARS)
+            conn.send(("error", type(exc).__name__, text))
         else:
             _answer(conn, value)
 

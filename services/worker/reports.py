@@ -3,6 +3,10 @@
 All of it is fire-and-forget on a channel without confirms: losing one report is
 harmless (the next heartbeat, notice or result supersedes it), and nothing here
 may slow a task down. Notices and progress are coalesced per interval.
+
+Every event is held to ``MAX_EVENT_BYTES``: `task.started` notices go out in chunks,
+a heartbeat lists as many in-flight ids as fit, a progress message is cut (marked)
+at 1000 characters, and anything still too big is logged and not sent.
 """
 
 from __future__ import annotations
@@ -14,10 +18,52 @@ from aio_pika.abc import AbstractChannel
 from loguru import logger
 from pydantic import BaseModel
 
-from leveret.amqp import BROKER_EXCEPTIONS, json_message, send_reply
-from leveret.contracts import REPLY_PROGRESS, StartedTask, TaskMessage, TaskProgress, TasksStarted
-from leveret.handlers import ProgressReporter
+from leveret.amqp import BROKER_EXCEPTIONS, chunks, json_message, send_reply
+from leveret.contracts import (
+    MAX_EVENT_BYTES,
+    REPLY_PROGRESS,
+    StartedTask,
+    TaskMessage,
+    TaskProgress,
+    TasksStarted,
+    WorkerHeartbeat,
+)
+from leveret.handlers import MAX_PROGRESS_MESSAGE_CHARS, ProgressReporter, clip
 from leveret.topology import RK_TASK_PROGRESS, RK_TASKS_STARTED, Topology
+
+#: Attempts in one `task.started` event: at most ~270 bytes each (a 200-character id),
+#: so a full event stays far below MAX_EVENT_BYTES.
+STARTED_PER_EVENT = 100
+
+
+def encoded(event: BaseModel) -> bytes | None:
+    """The event's JSON body, or None (logged) if it is over MAX_EVENT_BYTES."""
+    body = event.model_dump_json().encode()
+    if len(body) > MAX_EVENT_BYTES:
+        logger.error(
+            "{} not sent: {} bytes, over the limit of {}",
+            getattr(event, "type", type(event).__name__),
+            len(body),
+            MAX_EVENT_BYTES,
+        )
+        return None
+    return body
+
+
+def bounded_heartbeat(beat: WorkerHeartbeat) -> WorkerHeartbeat:
+    """The heartbeat with as many of its in-flight ids as fit in MAX_EVENT_BYTES
+    (all of them unless the worker runs hundreds of tasks with long ids)."""
+    size = len(beat.model_dump_json())
+    if size <= MAX_EVENT_BYTES:
+        return beat
+    room = MAX_EVENT_BYTES - len(beat.model_copy(update={"in_flight": []}).model_dump_json())
+    kept: list[str] = []
+    for task_id in beat.in_flight:
+        room -= len(task_id) + 3  # quotes and a comma
+        if room < 0:
+            break
+        kept.append(task_id)
+    return beat.model_copy(update={"in_flight": kept})
 
 
 class Reports:
@@ -39,9 +85,12 @@ class Reports:
         """Publish an event on the events exchange; a failure is logged, not raised."""
         if self._events is None:
             return
+        body = encoded(event)
+        if body is None:
+            return
         try:
             exchange = await self._events.get_exchange(self.topology.events_exchange, ensure=False)
-            await exchange.publish(json_message(event, persistent=False), routing_key)
+            await exchange.publish(json_message(body, persistent=False), routing_key)
         except BROKER_EXCEPTIONS as exc:
             logger.warning("event {} not sent: {}", routing_key, exc)
 
@@ -61,8 +110,9 @@ class Reports:
 
         def report(fraction: float | None, message: str | None) -> None:
             if running():
+                text = clip(message, MAX_PROGRESS_MESSAGE_CHARS) if message else message
                 event = TaskProgress(
-                    id=task.id, attempt=attempt, worker=worker, fraction=fraction, message=message
+                    id=task.id, attempt=attempt, worker=worker, fraction=fraction, message=text
                 )
                 self._progress[task.id] = (task, event)
 
@@ -75,7 +125,9 @@ class Reports:
             await asyncio.sleep(self.interval_s)
             if self._unreported:
                 batch, self._unreported = list(self._unreported.values()), {}
-                await self.publish(RK_TASKS_STARTED, TasksStarted(worker=worker(), tasks=batch))
+                for part in chunks(batch, STARTED_PER_EVENT):
+                    notice = TasksStarted(worker=worker(), tasks=list(part))
+                    await self.publish(RK_TASKS_STARTED, notice)
             if self._progress:
                 reports, self._progress = list(self._progress.values()), {}
                 for task, event in reports:
@@ -83,9 +135,10 @@ class Reports:
 
     async def _relay_progress(self, task: TaskMessage, event: TaskProgress) -> None:
         await self.publish(RK_TASK_PROGRESS, event)
-        if task.reply_to and self._replies is not None:
+        body = encoded(event)
+        if task.reply_to and self._replies is not None and body is not None:
             reply = json_message(
-                event,
+                body,
                 persistent=False,
                 correlation_id=task.correlation_id or task.id,
                 type_=REPLY_PROGRESS,

@@ -36,7 +36,7 @@ from datetime import datetime, timedelta
 from enum import Enum
 from typing import Any
 
-from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
 from loguru import logger
 from pydantic import ValidationError
 
@@ -55,10 +55,10 @@ from leveret.amqp import (
 )
 from leveret.contracts import (
     FENCED_MARKER,
+    MAX_EVENT_BYTES,
     CancelTask,
     RequirementsDeclared,
     StartedTask,
-    TaskError,
     TaskMessage,
     TaskResult,
     TaskRetrying,
@@ -71,7 +71,7 @@ from leveret.contracts import (
     decode_event,
     utcnow,
 )
-from leveret.errors import UnavailableError
+from leveret.errors import ConfigError, UnavailableError
 from leveret.handlers import Registry, TaskContext
 from leveret.settings import WorkerSettings
 from leveret.topology import (
@@ -87,10 +87,17 @@ from leveret.topology import (
     requirement_key,
     result_routing_key,
 )
-from leveret.worker.execution import Executor, Outcome, failure, retry_delay_s
+from leveret.worker.cancels import CancelledIds
+from leveret.worker.execution import (
+    Executor,
+    Outcome,
+    result_message,
+    retry_delay_s,
+    task_error,
+)
 from leveret.worker.gate import BandGate
 from leveret.worker.limits import StartPacer, kind_limits
-from leveret.worker.reports import Reports
+from leveret.worker.reports import Reports, bounded_heartbeat
 
 
 class SessionEnd(Enum):
@@ -130,6 +137,7 @@ class Worker:
             limits=kind_limits(registry, settings),
             version=__version__,
         )
+        _check_announcement(self.info)
         self.completed = 0
         self.failed = 0
         self.retried = 0
@@ -143,7 +151,7 @@ class Worker:
         }
         self._gate = BandGate(settings.concurrency)
         self._attempts: dict[str, asyncio.Task[Outcome]] = {}
-        self._cancelled: dict[str, str] = {}  # task id -> reason, from the cancellations stream
+        self._cancelled = CancelledIds()  # from the cancellations stream
         self._holding: set[asyncio.Task[Any]] = set()  # deliveries waiting or running
         self._draining = False  # set when a graceful stop begins: take no new queues
         self._handing_back = False  # a graceful stop gives deliveries back (not a lost session)
@@ -313,18 +321,40 @@ class Worker:
                 key = requirement_key(record.pool, record.requires)
                 wanted = record.pool == s.pool and mine.issuperset(record.requires)
                 if wanted and key not in joined and not self._draining:
-                    joined.add(key)
-                    assert self._declared is not None
-                    declared = await self._declared.declare_requirement(s.pool, record.requires)
-                    queue = await work.get_queue(declared.name)
-                    on_set = functools.partial(self.on_message, queue.name, None, None)
-                    tag = await queue.consume(on_set)
-                    consumers.append((queue, tag))
-                    tags = ",".join(record.requires)
-                    logger.info("worker {} consumes {} (requires {})", self.id, queue.name, tags)
+                    await self._join_set(record, joined, key, work, consumers)
             await message.ack()
 
         await stream.consume(on_record, arguments={"x-stream-offset": "first"})
+
+    async def _join_set(
+        self,
+        record: RequirementsDeclared,
+        joined: set[str],
+        key: str,
+        work: AbstractChannel,
+        consumers: list[tuple[Any, str]],
+    ) -> None:
+        """Consume one requirement set's queue, unless this worker already consumes
+        `max_requirement_sets` (each queue is a consumer with its own prefetch)."""
+        cap = self.settings.max_requirement_sets
+        if len(joined) >= cap:
+            logger.debug("requirement set {} ignored: {} consumed already", key, cap)
+            return
+        joined.add(key)
+        assert self._declared is not None
+        declared = await self._declared.declare_requirement(self.settings.pool, record.requires)
+        queue = await work.get_queue(declared.name)
+        on_set = functools.partial(self.on_message, queue.name, None, None)
+        consumers.append((queue, await queue.consume(on_set)))
+        tags = ",".join(record.requires)
+        logger.info("worker {} consumes {} (requires {})", self.id, queue.name, tags)
+        if len(joined) == cap:
+            logger.warning(
+                "worker {} consumes {} requirement sets, its limit "
+                "(LEVERET_MAX_REQUIREMENT_SETS): it takes no more",
+                self.id,
+                cap,
+            )
 
     def _abandon(self, reasons: list[str]) -> SessionEnd:
         """The connection is gone: its deliveries were requeued, so stop their attempts.
@@ -386,7 +416,7 @@ class Worker:
                 completed=self.completed,
                 failed=self.failed,
             )
-            await self._reports.publish(RK_WORKER_HEARTBEAT, beat)
+            await self._reports.publish(RK_WORKER_HEARTBEAT, bounded_heartbeat(beat))
             await asyncio.sleep(self.settings.heartbeat_interval_s)
 
     # --- one delivery ----------------------------------------------------------------------
@@ -510,7 +540,7 @@ class Worker:
         (its delivery is then settled as `cancelled`, not returned to the queue)."""
         reason = self._cancelled.get(task.id)
         if reason is not None:
-            return Outcome(TaskStatus.CANCELLED, None, TaskError(type="cancelled", message=reason))
+            return Outcome(TaskStatus.CANCELLED, None, task_error("cancelled", reason))
         job = asyncio.create_task(self._attempt(task, attempt), name=f"attempt:{task.id}")
         self._attempts[task.id] = job
         try:
@@ -521,7 +551,7 @@ class Worker:
             if reason is None or (current is not None and current.cancelling()):
                 raise  # the worker is stopping or lost its connection: not a cancellation
             logger.info("task {} cancelled while running: {}", task.id, reason)
-            return Outcome(TaskStatus.CANCELLED, None, TaskError(type="cancelled", message=reason))
+            return Outcome(TaskStatus.CANCELLED, None, task_error("cancelled", reason))
         finally:
             self._attempts.pop(task.id, None)
 
@@ -544,7 +574,7 @@ class Worker:
         await stream.consume(on_cancel, arguments={"x-stream-offset": "first"})
 
     def _cancel(self, command: CancelTask) -> None:
-        self._cancelled[command.id] = command.reason
+        self._cancelled.add(command.id, command.reason, command.at)
         job = self._attempts.get(command.id)
         if job is not None:
             job.cancel()
@@ -591,8 +621,8 @@ class Worker:
                 delay,
             )
             return
-        result = self._result(task, attempt, started_at, outcome)
-        await self._deliver(task, result)
+        result, body = self._result(task, attempt, started_at, outcome)
+        await self._deliver(task, result, body)
         await message.ack()
         if result.status == TaskStatus.COMPLETED:
             self.completed += 1
@@ -642,7 +672,8 @@ class Worker:
 
     def _result(
         self, task: TaskMessage, attempt: int, started_at: Any, outcome: Outcome
-    ) -> TaskResult:
+    ) -> tuple[TaskResult, bytes]:
+        """The attempt's result and its message body, within `max_result_bytes`."""
         fields: dict[str, Any] = {
             "id": task.id,
             "kind": task.kind,
@@ -652,15 +683,9 @@ class Worker:
             "submitted_at": task.submitted_at,
             "started_at": started_at,
         }
-        try:
-            return TaskResult(
-                status=outcome.status, result=outcome.value, error=outcome.error, **fields
-            )
-        except ValidationError:
-            bad = failure("result_not_json", f"handler returned {type(outcome.value).__name__}")
-            return TaskResult(status=bad.status, error=bad.error, **fields)
+        return result_message(fields, outcome, self.settings.max_result_bytes)
 
-    async def _deliver(self, task: TaskMessage, result: TaskResult) -> None:
+    async def _deliver(self, task: TaskMessage, result: TaskResult, body: bytes) -> None:
         """Publish the result (confirmed). The producer's `reply_to` gets its one terminal
         reply from the tracker, for the outcome it records: a task that ran twice (a
         crash window, a frozen worker that woke) must not answer twice."""
@@ -673,9 +698,20 @@ class Worker:
                 Outgoing(
                     exchange,
                     result_routing_key(result.status, task.pool, task.kind),
-                    json_message(result, correlation_id=corr),
+                    json_message(body, correlation_id=corr),
                 )
             ]
+        )
+
+
+def _check_announcement(info: WorkerInfo) -> None:
+    """Refuse to start a worker whose announcement (kinds, capabilities, limits) would
+    leave a heartbeat too little room under MAX_EVENT_BYTES."""
+    size = len(WorkerStarted(worker=info).model_dump_json())
+    if size > MAX_EVENT_BYTES // 2:
+        raise ConfigError(
+            f"this worker's announcement would be {size} bytes (its kinds, capabilities "
+            f"and limits); it must stay under {MAX_EVENT_BYTES // 2}"
         )
 
 
