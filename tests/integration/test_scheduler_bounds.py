@@ -16,6 +16,7 @@ from helpers import drop_namespace, eventually
 from test_backbone import PikaProducer
 
 from leveret.cli.procs import Cluster
+from leveret.scheduler.store import SubmissionStore
 
 pytestmark = pytest.mark.broker
 
@@ -211,3 +212,16 @@ def test_a_cancellation_the_store_refuses_is_answered_without_a_500(cluster: Clu
     assert task_id in r.json()["detail"]["message"]
     assert "refused by the test" in r.json()["detail"]["message"]
     assert scheduler.alive()
+
+
+async def test_the_store_remembers_pools_and_requirement_sets(database_url: str) -> None:
+    store = await SubmissionStore.open(database_url)
+    try:
+        await store.add_pools(["gpu", "gpu"])
+        await store.add_pools(["gpu", "batch"])  # again: no error, no second row
+        await store.add_requirement_sets(["default.req.a", "gpu.req.a+b"])
+        await store.add_requirement_sets(["default.req.a"])
+        assert await store.known_pools() == {"gpu", "batch"}
+        assert await store.known_requirement_sets() == {"default.req.a", "gpu.req.a+b"}
+    finally:
+        await store.close()
