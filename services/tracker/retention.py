@@ -39,7 +39,7 @@ PURGE_PAUSE_S = 0.01
 
 def format_duration(seconds: float) -> str:
     """``7d``, ``36h``, ``90m`` or ``45s``: the largest unit that divides it, else seconds."""
-    for unit, size in (("w", 7 * 86400), ("d", 86400), ("h", 3600), ("m", 60)):
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size and seconds % size == 0:
             return f"{int(seconds // size)}{unit}"
     return f"{seconds:g}s"

@@ -18,7 +18,7 @@ from leveret.tracker.api import create_app
 from leveret.tracker.consumer import Consumer
 from leveret.tracker.deadletters import DeadLetters
 from leveret.tracker.replies import ReplySender
-from leveret.tracker.retention import Retention
+from leveret.tracker.retention import Retention, format_duration
 from leveret.tracker.store import TrackerStore
 from leveret.tracker.watchdog import Watchdog
 
@@ -83,13 +83,16 @@ async def run(
                 if await wait_started(server, stop):
                     logger.info(
                         "tracker ready: http://{}:{} , queue {} , database {} , "
-                        "management API {} , heartbeat timeout {} s",
+                        "management API {} , heartbeat timeout {} s , retention {} , "
+                        "worker retention {}",
                         settings.host,
                         settings.port,
                         settings.topology.tracker.name,
                         store.engine.url.render_as_string(hide_password=True),
                         api.url,
                         settings.heartbeat_timeout_s,
+                        format_duration(settings.retention) if settings.retention else "off",
+                        format_duration(settings.worker_retention),
                     )
                     if ready is not None:
                         ready.set()
