@@ -22,6 +22,7 @@ from leveret.contracts import (
     WorkerInfo,
     WorkerStarted,
 )
+from leveret.errors import StoreUnavailable
 from leveret.settings import TrackerSettings, sqlite_url
 from leveret.topology import RK_TASKS_ACCEPTED, RK_WORKER_STARTED
 from leveret.tracker.api import create_app
@@ -117,3 +118,22 @@ async def test_api_answers_a_store_failure_with_a_message(
     assert detail["error"] == ("store_error" if status == 500 else "unavailable")
     assert "database" in detail["message"]
     assert ("Retry-After" in answer.headers) is (status == 503)
+
+
+class UnavailableThenFine(FakeStore):
+    """Raises leveret's StoreUnavailable (what the store raises now) the first two times."""
+
+    async def apply(self, messages: Any, *, resend: Any = ()) -> Any:
+        self.calls += 1
+        if self.calls <= 2:
+            raise StoreUnavailable("database unavailable: database is locked")
+        return await super().apply(messages, resend=resend)
+
+
+async def test_consumer_waits_out_store_unavailable_from_the_error_tree() -> None:
+    store = UnavailableThenFine()
+    body = TaskResult(id="t1", kind="echo", status="completed").model_dump_json().encode()
+    delivery = FakeDelivery(body, 1)
+    await feed(make_consumer(store), [delivery])
+    assert store.committed == [["t1"]]
+    assert delivery.settled == [("ack", True)]  # retried, never dead-lettered
