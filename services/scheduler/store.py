@@ -522,9 +522,18 @@ class SubmissionStore:
         where to go on (None once every row that ended before `cutoff` was examined).
 
         Rows kept are stepped over, never examined twice in one pass: a purge costs one
-        walk of the `ended_at` index, however many rows must stay."""
+        walk of the `ended_at` index, however many rows must stay. What keeps a row only
+        ever stops keeping it (a settled row stays settled, an intake key once forgotten
+        stays so), so rows checked here may be deleted by id: a statement that also
+        filtered on `state` would let SQLite, which keeps no statistics, scan the `state`
+        index (every dispatched row) instead of looking up these ids."""
         window = (
-            select(submissions.c.id, submissions.c.ended_at)
+            select(
+                submissions.c.id,
+                submissions.c.ended_at,
+                submissions.c.state,
+                submissions.c.intake_key,
+            )
             .where(submissions.c.ended_at < cutoff)
             .order_by(submissions.c.ended_at, submissions.c.id)
             .limit(limit)
@@ -535,38 +544,29 @@ class SubmissionStore:
             )
         async with self.engine.begin() as conn:
             rows = list(await conn.execute(window))
-            ids = [r.id for r in rows]
-            deleted = await self._delete_unneeded(conn, ids)
+            settled = [r.id for r in rows if r.state in SETTLED and r.intake_key is None]
+            needed = await self._parents_of_held(conn, settled)
+            doomed = [i for i in settled if i not in needed]
+            for part in _chunks(doomed):
+                await conn.execute(delete(submissions).where(submissions.c.id.in_(part)))
+                await conn.execute(delete(edges).where(edges.c.child.in_(part)))
+                await conn.execute(delete(edges).where(edges.c.parent.in_(part)))
         if len(rows) < limit:
-            return len(deleted), None
-        return len(deleted), PurgeCursor(rows[-1].ended_at, rows[-1].id)
+            return len(doomed), None
+        return len(doomed), PurgeCursor(rows[-1].ended_at, rows[-1].id)
 
-    async def _delete_unneeded(self, conn: AsyncConnection, ids: Sequence[str]) -> list[str]:
-        """Delete the rows among `ids` that nothing needs any more, and their edges."""
+    async def _parents_of_held(self, conn: AsyncConnection, ids: Sequence[str]) -> set[str]:
+        """Those of `ids` with a dependant not yet dispatched or ended."""
         child = submissions.alias("child")
-        waiting = (
-            select(edges.c.child)
-            .join(child, child.c.id == edges.c.child)
-            .where(edges.c.parent == submissions.c.id, child.c.state.not_in(SETTLED))
-        )
-        deleted: list[str] = []
+        found: set[str] = set()
         for part in _chunks(ids):
-            stmt = (
-                delete(submissions)
-                .where(
-                    submissions.c.id.in_(part),
-                    submissions.c.state.in_(SETTLED),
-                    submissions.c.intake_key.is_(None),
-                    ~waiting.exists(),
-                )
-                .returning(submissions.c.id)
+            query = (
+                select(edges.c.parent)
+                .join(child, child.c.id == edges.c.child)
+                .where(edges.c.parent.in_(part), child.c.state.not_in(SETTLED))
             )
-            gone = list(await conn.scalars(stmt))
-            if gone:
-                await conn.execute(delete(edges).where(edges.c.child.in_(gone)))
-                await conn.execute(delete(edges).where(edges.c.parent.in_(gone)))
-            deleted += gone
-        return deleted
+            found.update(await conn.scalars(query))
+        return found
 
     # kinds
 
