@@ -23,18 +23,19 @@ Handlers run at least once: they get ``ctx.attempt`` and ``ctx.idempotency_key``
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib
 import inspect
-import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, cast
 
-import httpx
 from loguru import logger
 from pydantic import JsonValue
 
+from leveret import builtin_http, builtin_shell
+from leveret.builtin_http import HttpPolicy
 from leveret.errors import ConfigError, TaskFailed
 
 HandlerFunc = Callable[["TaskContext", Any], Awaitable[Any] | Any]
@@ -49,6 +50,9 @@ BUILTIN_KINDS = ("echo", "sleep", "fail", "http")
 
 #: A progress message holds at most this many characters (`TaskProgress.message`).
 MAX_PROGRESS_MESSAGE_CHARS = 1000
+
+#: What `http` may reach on a worker given no settings: nothing local or private.
+DEFAULT_HTTP_POLICY = HttpPolicy()
 
 
 def clip(text: str, limit: int) -> str:
@@ -222,15 +226,23 @@ class Registry:
         return found
 
     @classmethod
-    def with_builtins(cls, *, shell_enabled: bool = False) -> Registry:
-        """A registry holding the built-in kinds (plus `shell` when enabled)."""
+    def with_builtins(
+        cls,
+        *,
+        shell_enabled: bool = False,
+        http: HttpPolicy = DEFAULT_HTTP_POLICY,
+        shell_env: Sequence[str] = (),
+    ) -> Registry:
+        """A registry holding the built-in kinds (plus `shell` when enabled): `http`
+        reaches what `http` allows, `shell` commands get the variables `shell_env` names."""
         registry = cls()
         registry.register("echo", echo)
         registry.register("sleep", sleep)
         registry.register("fail", fail)
-        registry.register("http", http_get)
+        registry.register("http", functools.partial(http_get, policy=http), blocking=False)
         if shell_enabled:
-            registry.register("shell", shell)
+            env = tuple(shell_env)
+            registry.register("shell", functools.partial(shell, env_names=env), blocking=False)
         else:  # still registered, so a stray shell task fails with a clear reason
             registry.register("shell", shell_disabled, advertised=False)
         return registry
@@ -271,46 +283,28 @@ async def fail(ctx: TaskContext, payload: JsonValue) -> None:
     raise TaskFailed(message, "requested_failure")
 
 
-async def http_get(ctx: TaskContext, payload: JsonValue) -> dict[str, JsonValue]:
-    """GET the URL in `payload` (a string, or ``{"url": ...}``): status, bytes, elapsed."""
-    url = payload.get("url") if isinstance(payload, dict) else payload
-    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
-        raise TaskFailed(f"http wants an http(s) URL, got {url!r}", "bad_payload")
-    timeout = ctx.timeout_s or 30.0
-    started = time.perf_counter()
-    try:
-        async with httpx.AsyncClient(timeout=timeout, follow_redirects=True) as client:
-            response = await client.get(url)
-    except httpx.HTTPError as exc:
-        raise TaskFailed(f"GET {url} failed: {type(exc).__name__}: {exc}", "http_error") from exc
-    return {
-        "status": response.status_code,
-        "bytes": len(response.content),
-        "elapsed_s": round(time.perf_counter() - started, 6),
-    }
+async def http_get(
+    ctx: TaskContext, payload: JsonValue, policy: HttpPolicy = DEFAULT_HTTP_POLICY
+) -> dict[str, JsonValue]:
+    """GET the URL in `payload` (a string, or ``{"url": ..., "timeout_s": ...}``): its
+    status, body size, final URL and the time taken. Loopback, private and link-local
+    hosts are refused unless the worker allows them (see :mod:`leveret.builtin_http`)."""
+    url, asked = builtin_http.parse_payload(payload)
+    return await builtin_http.fetch(url, policy, builtin_http.deadline_s(asked, ctx.timeout_s))
 
 
-SHELL_OUTPUT_LIMIT = 64 * 1024
-
-
-async def shell(ctx: TaskContext, payload: JsonValue) -> dict[str, JsonValue]:
-    """Run `payload` with /bin/sh; fail on a non-zero exit. Output is capped at 64 KiB."""
+async def shell(
+    ctx: TaskContext, payload: JsonValue, env_names: Sequence[str] = ()
+) -> dict[str, JsonValue]:
+    """Run `payload` with /bin/sh; fail on a non-zero exit. A clean environment (PATH and
+    what `env_names` passes through), its own process group, output capped at 64 KiB
+    each (see :mod:`leveret.builtin_shell`)."""
     if not isinstance(payload, str) or not payload.strip():
         raise TaskFailed("shell wants a command string", "bad_payload")
-    proc = await asyncio.create_subprocess_shell(
-        payload, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-    )
-    try:
-        out, err = await proc.communicate()
-    except asyncio.CancelledError:
-        proc.kill()
-        await proc.wait()
-        raise
-    stdout = out[-SHELL_OUTPUT_LIMIT:].decode("utf-8", "replace")
-    stderr = err[-SHELL_OUTPUT_LIMIT:].decode("utf-8", "replace")
-    if proc.returncode != 0:
-        raise TaskFailed(f"exit status {proc.returncode}: {stderr.strip()[-500:]}", "exit_status")
-    return {"exit_code": proc.returncode, "stdout": stdout, "stderr": stderr}
+    ran = await builtin_shell.run(payload, builtin_shell.environment(env_names))
+    if ran.exit_code != 0:
+        raise TaskFailed(f"exit status {ran.exit_code}: {ran.stderr.strip()[-500:]}", "exit_status")
+    return {"exit_code": ran.exit_code, "stdout": ran.stdout, "stderr": ran.stderr}
 
 
 async def shell_disabled(ctx: TaskContext, payload: JsonValue) -> None:

@@ -14,6 +14,8 @@ from typing import Annotated
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from leveret.builtin_http import parse_allow
+from leveret.builtin_shell import ENV_NAME
 from leveret.contracts import MAX_EVENT_BYTES, MAX_RESULT_BYTES, POOL_PATTERN, Pool, Tag
 from leveret.topology import DEFAULT_NAMESPACE, Topology
 
@@ -212,7 +214,39 @@ class WorkerSettings(CommonSettings):
         "0 disables the check. Keep it well under the tracker's heartbeat timeout.",
     )
 
+    http_allow: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Hosts and CIDRs the `http` kind may reach although they are loopback, "
+        "private, link-local or otherwise refused, e.g. `127.0.0.1/32,internal.example`.",
+    )
+    http_max_bytes: int = Field(
+        default=MIB,
+        ge=1,
+        description="Largest response body the `http` kind reads; a bigger one fails its "
+        "attempt as `http_too_large`.",
+    )
+    shell_env: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Variables of the worker's environment passed to `shell` commands, "
+        "which otherwise get only a safe PATH.",
+    )
+
     _split_handlers = field_validator("handlers", "capabilities", mode="before")(_split_csv)
+    _split_builtin_lists = field_validator("http_allow", "shell_env", mode="before")(_split_csv)
+
+    @field_validator("http_allow")
+    @classmethod
+    def _valid_allow(cls, value: list[str]) -> list[str]:
+        parse_allow(value)  # raises ValueError naming a bad entry
+        return value
+
+    @field_validator("shell_env")
+    @classmethod
+    def _valid_env_names(cls, value: list[str]) -> list[str]:
+        bad = [name for name in value if not ENV_NAME.match(name)]
+        if bad:
+            raise ValueError(f"not environment variable names: {', '.join(bad)}")
+        return value
 
     @field_validator("loop_block_limit_s")
     @classmethod

@@ -177,7 +177,9 @@ def run_demo(*, workers: int, tasks: int, concurrency: int, timeout_s: float = 6
         cluster.start_scheduler()
         for i in range(1, workers + 1):
             gpu = ["--capability", GPU] if i == workers else []
-            cluster.start_worker(f"demo-w{i}", "--concurrency", str(concurrency), *gpu)
+            # Its `http` tasks fetch the tracker's /healthz, on loopback: allow it.
+            allow = {"LEVERET_HTTP_ALLOW": "127.0.0.1/32"}
+            cluster.start_worker(f"demo-w{i}", "--concurrency", str(concurrency), *gpu, env=allow)
         batch = sample_tasks(tasks, cluster.tracker_url, random.Random(4))
         started = time.monotonic()
         for start in range(0, len(batch), 500):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+from leveret.builtin_http import HttpPolicy, parse_allow
 from leveret.handlers import Registry
 from leveret.runtime import run_service
 from leveret.settings import WorkerSettings
@@ -13,7 +14,10 @@ from leveret.worker.runner import Worker
 
 def build_registry(settings: WorkerSettings) -> Registry:
     """Built-in handlers plus those of every ``--handlers`` module."""
-    registry = Registry.with_builtins(shell_enabled=settings.shell_enabled)
+    http = HttpPolicy(parse_allow(settings.http_allow), settings.http_max_bytes)
+    registry = Registry.with_builtins(
+        shell_enabled=settings.shell_enabled, http=http, shell_env=settings.shell_env
+    )
     for module in settings.handlers:
         registry.load_module(module)
     return registry

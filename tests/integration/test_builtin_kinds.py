@@ -218,7 +218,8 @@ async def test_http_fetches_and_reports_transport_failures(
     c = cluster
     c.start_tracker()
     c.start_scheduler()
-    c.start_worker("hw", "--concurrency", "4")
+    # The site is on loopback, which `http` refuses unless allowed (test_handler_safety).
+    c.start_worker("hw", "--concurrency", "4", env={"LEVERET_HTTP_ALLOW": "127.0.0.1/32"})
     api = TrackerApi(c.tracker_url)
     closed = free_port()  # nothing listens there: connection refused
 
