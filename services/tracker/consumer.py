@@ -66,20 +66,12 @@ from leveret.contracts import (
     TaskResult,
     TasksAccepted,
     TasksEnded,
-    TasksStarted,
-    WorkerHeartbeat,
     decode_event,
     utcnow,
 )
 from leveret.db import map_db_errors
 from leveret.errors import StoreUnavailable
-from leveret.topology import (
-    RK_TASKS_ACCEPTED,
-    RK_TASKS_ENDED,
-    RK_TASKS_STARTED,
-    RK_WORKER_HEARTBEAT,
-    Topology,
-)
+from leveret.topology import RK_TASKS_ACCEPTED, RK_TASKS_ENDED, Topology
 from leveret.tracker.ledger import message_ids
 from leveret.tracker.replies import ReplySender
 from leveret.tracker.state import TaskRecord, TrackerMessage
@@ -87,15 +79,14 @@ from leveret.tracker.store import Applied, TrackerStore
 
 #: Outcomes per `tasks.ended` event (a batch may hold more).
 ENDED_PER_EVENT = 1000
-#: Bound on the events whose size grows with a batch or a worker's concurrency
-#: (`tasks.accepted` chunks, `tasks.started`, `tasks.ended`, heartbeats listing up to
-#: 10,000 tasks in flight); every other event is bounded by MAX_EVENT_BYTES.
-MAX_BATCH_EVENT_BYTES = 8 * 1024 * 1024
-_BATCH_EVENTS = {
+#: Bound on the two events services publish in batches whose size grows with the batch
+#: (the scheduler's `tasks.accepted` chunks, the tracker's own `tasks.ended`): RabbitMQ's
+#: default `max_message_size`, so nothing the broker carries by default is refused.
+#: Every other event (workers keep theirs within it) is bounded by MAX_EVENT_BYTES.
+MAX_BATCH_EVENT_BYTES = 16 * 1024 * 1024
+_BATCH_EVENTS: dict[str, type[TasksAccepted | TasksEnded]] = {
     RK_TASKS_ACCEPTED: TasksAccepted,
-    RK_TASKS_STARTED: TasksStarted,
     RK_TASKS_ENDED: TasksEnded,
-    RK_WORKER_HEARTBEAT: WorkerHeartbeat,
 }
 #: At most one log line per this many seconds about oversized messages.
 OVERSIZED_LOG_EVERY_S = 60.0
