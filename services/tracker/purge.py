@@ -56,7 +56,10 @@ async def purge_tasks(conn: AsyncConnection, cutoff: datetime, now: datetime, li
         select(c.id, c.status, c.finished_at, c.submitted_at, c.started_at)
         .where(
             c.finished_at < cutoff,
-            c.status.in_(_TERMINAL),
+            # Through a function, so that no planner walks the status index: SQLite's
+            # would, and sort every finished task for each batch (seconds at 1M tasks);
+            # the finish-time index gives the rows in order.
+            func.coalesce(c.status, "").in_(_TERMINAL),
             or_(c.reply.is_(None), c.reply != ReplyState.OWED.value),
         )
         .order_by(c.finished_at)
