@@ -50,6 +50,11 @@ NOT_RETRIED = frozenset(
         "shell_disabled",
         "result_not_json",
         "result_too_large",
+        # the same URL meets the same refusal on every attempt
+        "http_forbidden_address",
+        "http_forbidden_scheme",
+        "http_too_many_redirects",
+        "http_too_large",
         BlockedEventLoop.TYPE,
     }
 )
