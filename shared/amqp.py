@@ -32,6 +32,7 @@ from tenacity import (
 )
 
 from leveret.errors import BrokerError, PublishError
+from leveret.tls import AmqpTls
 
 #: Exceptions that mean "the broker or the link to it is in trouble".
 BROKER_EXCEPTIONS: tuple[type[Exception], ...] = (
@@ -69,14 +70,18 @@ async def connect(
     connect_timeout_s: float = 120.0,
     heartbeat_s: int = 10,
     robust: bool = True,
+    tls: AmqpTls | None = None,
 ) -> AbstractRobustConnection:
     """Open a connection named `name` (shown as `connection_name` by the broker).
 
     The first connect is retried with exponential backoff for up to
     `connect_timeout_s`, so services may start before the broker does. A robust
     connection heals later drops by itself; a plain one (``robust=False``) is for
-    callers that rebuild their whole session after a drop, as workers do.
+    callers that rebuild their whole session after a drop, as workers do. An
+    ``amqps://`` URL verifies the broker against `tls`'s CA file (else the system's)
+    and presents its client certificate, if any.
     """
+    context = (tls or AmqpTls()).context(url)
     props: FieldTable = {"connection_name": name, "product": "leveret", "pid": str(os.getpid())}
     try:
         async for attempt in AsyncRetrying(
@@ -89,11 +94,15 @@ async def connect(
             with attempt:
                 if not robust:
                     plain = await aio_pika.connect(
-                        url, client_properties=props, heartbeat=heartbeat_s
+                        url, client_properties=props, heartbeat=heartbeat_s, ssl_context=context
                     )
                     return plain  # type: ignore[return-value]  # same API minus reconnects
                 return await aio_pika.connect_robust(
-                    url, client_properties=props, heartbeat=heartbeat_s, reconnect_interval=1.0
+                    url,
+                    client_properties=props,
+                    heartbeat=heartbeat_s,
+                    reconnect_interval=1.0,
+                    ssl_context=context,
                 )
     except BROKER_EXCEPTIONS as exc:
         raise BrokerError(f"cannot connect to {redact(url)}: {exc}") from exc

@@ -9,6 +9,7 @@ import gc
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Generator
+from pathlib import Path
 from typing import Any, TypeVar
 
 import uvicorn
@@ -30,12 +31,17 @@ class HttpServer(uvicorn.Server):
         yield
 
 
-def http_server(app: Any, host: str, port: int) -> HttpServer:
-    """A uvicorn server for `app`, logging through loguru, without access logs."""
+def http_server(
+    app: Any, host: str, port: int, *, cert_file: Path | None = None, key_file: Path | None = None
+) -> HttpServer:
+    """A uvicorn server for `app`, logging through loguru, without access logs; HTTPS
+    with `cert_file` and `key_file`."""
     config = uvicorn.Config(
         app,
         host=host,
         port=port,
+        ssl_certfile=cert_file,
+        ssl_keyfile=key_file,
         log_config=None,
         access_log=False,
         lifespan="off",

@@ -11,12 +11,13 @@ import uuid
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from leveret.builtin_http import parse_allow
 from leveret.builtin_shell import ENV_NAME
 from leveret.contracts import MAX_EVENT_BYTES, MAX_RESULT_BYTES, POOL_PATTERN, Pool, Tag
+from leveret.tls import AmqpTls
 from leveret.topology import DEFAULT_NAMESPACE, Topology
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
@@ -75,6 +76,18 @@ class CommonSettings(BaseSettings):
         "seconds or 7d/36h/90m; 0 keeps them forever.",
     )
 
+    amqp_ca_file: Path | None = Field(
+        default=None,
+        description="CA bundle that verifies the broker's certificate (amqps:// URLs); "
+        "the system's CAs when unset.",
+    )
+    amqp_cert_file: Path | None = Field(
+        default=None, description="Client certificate for the broker (amqps://), PEM."
+    )
+    amqp_key_file: Path | None = Field(
+        default=None, description="The client certificate's private key, PEM."
+    )
+
     _parse_retention = field_validator("retention", mode="before")(parse_duration)
 
     @property
@@ -82,21 +95,64 @@ class CommonSettings(BaseSettings):
         """The topology under this namespace."""
         return Topology(self.namespace)
 
+    @property
+    def amqp_tls(self) -> AmqpTls:
+        """The broker's TLS files (used with ``amqps://`` URLs)."""
+        return AmqpTls(self.amqp_ca_file, self.amqp_cert_file, self.amqp_key_file)
 
-class SchedulerSettings(CommonSettings):
+
+class ApiSettings(CommonSettings):
+    """What a service with an HTTP API needs: where it listens, who may call it."""
+
+    host: str = Field(
+        default="127.0.0.1",
+        description="Bind address; anything but loopback needs API tokens or `insecure`.",
+    )
+    api_tokens: SecretStr | None = Field(
+        default=None,
+        description="`token:scope,scope;token2:scope` (submit, read, cancel, admin).",
+    )
+    api_tokens_file: Path | None = Field(
+        default=None, description="A file of tokens, one `token scope,scope` per line."
+    )
+    insecure: bool = Field(
+        default=False, description="Serve without tokens on a non-loopback address."
+    )
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Host headers accepted, comma-separated (`*`: any); by default the "
+        "loopback names and the bind address, or any when bound to every interface.",
+    )
+    tls_cert_file: Path | None = Field(default=None, description="Serve HTTPS with this PEM.")
+    tls_key_file: Path | None = Field(default=None, description="The HTTPS private key, PEM.")
+
+    _split_hosts = field_validator("allowed_hosts", mode="before")(_split_csv)
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ApiSettings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("set both LEVERET_TLS_CERT_FILE and LEVERET_TLS_KEY_FILE, or neither")
+        return self
+
+
+class SchedulerSettings(ApiSettings):
     """``leveret scheduler``: AMQP intake and HTTP submission."""
 
-    host: str = "0.0.0.0"
     port: int = 8080
     scheduler_database_url: str | None = Field(
-        default=None, description="The scheduler's own store; SQLite in data_dir by default."
+        default=None,
+        description="The scheduler's own store; SQLite in data_dir by default.",
     )
     max_payload_bytes: int = Field(default=MIB, ge=1)
     intake_prefetch: int = Field(
-        default=512, ge=1, description="AMQP back-pressure: submissions held unacked at once."
+        default=512,
+        ge=1,
+        description="AMQP back-pressure: submissions held unacked at once.",
     )
     http_rate_per_s: float = Field(
-        default=0.0, ge=0, description="Per-client HTTP submission rate, tasks/s (0: no limit)."
+        default=0.0,
+        ge=0,
+        description="Per-client HTTP submission rate, tasks/s (0: no limit).",
     )
     http_burst: int = Field(default=1000, ge=1, description="Per-client HTTP burst, tasks.")
     http_body_budget_bytes: int = Field(
@@ -133,10 +189,9 @@ class SchedulerSettings(CommonSettings):
         return self
 
 
-class TrackerSettings(CommonSettings):
+class TrackerSettings(ApiSettings):
     """``leveret tracker``: records every status change; serves the tracker API."""
 
-    host: str = "0.0.0.0"
     port: int = 8081
     database_url: str | None = Field(
         default=None, description="SQLAlchemy async URL; SQLite in data_dir by default."
@@ -145,7 +200,9 @@ class TrackerSettings(CommonSettings):
     batch_max: int = Field(default=1000, ge=1)
     batch_wait_ms: float = Field(default=20.0, ge=0)
     heartbeat_timeout_s: float = Field(
-        default=3.0, gt=0, description="Silence after which the watchdog fences a worker."
+        default=3.0,
+        gt=0,
+        description="Silence after which the watchdog fences a worker.",
     )
     management_url: str | None = Field(
         default=None,

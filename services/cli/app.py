@@ -26,6 +26,10 @@ app = typer.Typer(
 )
 
 
+HOST_HELP = "HTTP bind address [env LEVERET_HOST; 127.0.0.1]"
+INSECURE_HELP = "Serve without API tokens on a non-loopback address [env LEVERET_INSECURE]"
+
+
 def _given(**flags: Any) -> dict[str, Any]:
     """Only the flags the user set, so unset ones fall back to env and defaults."""
     return {k: v for k, v in flags.items() if v is not None}
@@ -34,23 +38,25 @@ def _given(**flags: Any) -> dict[str, Any]:
 @app.command()
 def scheduler(
     port: Annotated[int | None, typer.Option(help="HTTP port [env LEVERET_PORT; 8080]")] = None,
-    host: Annotated[str | None, typer.Option(help="HTTP bind address")] = None,
+    host: Annotated[str | None, typer.Option(help=HOST_HELP)] = None,
+    insecure: Annotated[bool, typer.Option("--insecure", help=INSECURE_HELP)] = False,
 ) -> None:
     """Run the scheduler: AMQP intake on leveret.submit and the HTTP submission API."""
     from leveret.scheduler.service import main
 
-    main(SchedulerSettings(**_given(port=port, host=host)))
+    main(SchedulerSettings(**_given(port=port, host=host, insecure=insecure or None)))
 
 
 @app.command()
 def tracker(
     port: Annotated[int | None, typer.Option(help="HTTP port [env LEVERET_PORT; 8081]")] = None,
-    host: Annotated[str | None, typer.Option(help="HTTP bind address")] = None,
+    host: Annotated[str | None, typer.Option(help=HOST_HELP)] = None,
+    insecure: Annotated[bool, typer.Option("--insecure", help=INSECURE_HELP)] = False,
 ) -> None:
     """Run the tracker: records every status, watches workers, serves the tracker API."""
     from leveret.tracker.service import main
 
-    main(TrackerSettings(**_given(port=port, host=host)))
+    main(TrackerSettings(**_given(port=port, host=host, insecure=insecure or None)))
 
 
 @app.command()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import httpx
@@ -11,7 +12,9 @@ from rich.table import Table
 
 
 def _get(base: str, path: str, **params: Any) -> Any:
-    response = httpx.get(f"{base.rstrip('/')}{path}", params=params, timeout=10)
+    token = os.environ.get("LEVERET_API_TOKEN")  # needs the `read` scope
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    response = httpx.get(f"{base.rstrip('/')}{path}", params=params, headers=headers, timeout=10)
     response.raise_for_status()
     return response.json()
 

@@ -10,16 +10,20 @@ unprocessable); 503 + Retry-After when the broker or store cannot
 take it now (any :class:`UnavailableError`), or when the bodies the API holds at once
 would pass their budget (`busy`). Never a 500. A 202 for a held task
 (status `delayed` or `blocked`) means it is durably in the scheduler's store.
+With API tokens configured (:mod:`leveret.auth`): 401 without a valid token, 403
+without the route's scope (`submit`, `cancel`) or for cancelling another token's
+task; a body that is not ``application/json`` is a 415.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Iterator
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from loguru import logger
@@ -27,6 +31,7 @@ from pydantic import ValidationError
 from starlette.requests import ClientDisconnect
 
 from leveret import __version__
+from leveret.auth import Access, Principal, Scope, may_cancel, open_access
 from leveret.contracts import Accepted, CancelTask, SubmitBatch, SubmitTask
 from leveret.errors import SubmissionError, UnavailableError
 from leveret.scheduler.admission import (
@@ -195,7 +200,7 @@ class _Routes:
         try:
             task = _decode(await read_body(request, self.max_bytes), self.max_bytes)
             check_supported(task, self.kinds)
-            work = submission(task, envelope(task))
+            work = _owned(submission(task, envelope(task)), request)
             check_graph([work])
             if (limited := self._throttle(request, 1)) is not None:
                 return limited
@@ -217,9 +222,8 @@ class _Routes:
 
     async def _submit_batch(self, request: Request) -> JSONResponse:
         try:
-            works = self._batch(
-                await read_body(request, self.max_bytes * BATCH_BODY_FACTOR, "batch")
-            )
+            body = await read_body(request, self.max_bytes * BATCH_BODY_FACTOR, "batch")
+            works = [_owned(work, request) for work in self._batch(body)]
         except SubmissionError as err:
             return _error(err, getattr(err, "index", None))
         except Exception as exc:  # the decoder is meant to be total; a 4xx, never a 500
@@ -249,13 +253,16 @@ class _Routes:
                 raise
         return works
 
-    async def cancel(self, task_id: str) -> JSONResponse:
-        """Cancel a task: 202 while it is being cancelled, 404 unknown, 409 finished."""
+    async def cancel(self, task_id: str, request: Request) -> JSONResponse:
+        """Cancel a task: 202 while it is being cancelled, 404 unknown, 409 finished,
+        403 when another token submitted it."""
         try:
             command = CancelTask(id=task_id)
         except ValidationError:
             return _error(SubmissionError("invalid_id", f"invalid task id {task_id!r}", 404))
         try:
+            if (refused := await self._not_yours(task_id, request)) is not None:
+                return refused
             answer = await request_cancel(self.admission.store, self.admission.dispatcher, command)
         except UnavailableError as exc:
             return _unavailable(exc)
@@ -269,6 +276,17 @@ class _Routes:
         if answer is CancelAnswer.FINISHED:
             return _error(SubmissionError("finished", f"task {task_id!r} already ended", 409))
         return JSONResponse({"id": task_id, "status": answer.value}, status_code=202)
+
+    async def _not_yours(self, task_id: str, request: Request) -> JSONResponse | None:
+        """403 when the caller may not cancel this task (not its submitter, not admin)."""
+        principal: Principal | None = getattr(request.state, "principal", None)
+        if principal is None:
+            return None
+        owner = await self.admission.store.owner_of(task_id)
+        if may_cancel(principal, owner):
+            return None
+        message = f"task {task_id!r} was submitted with another token"
+        return _error(SubmissionError("forbidden", message, 403))
 
     async def healthz(self) -> dict[str, Any]:
         """Liveness and a few counters."""
@@ -288,8 +306,15 @@ def create_app(
     max_bytes: int,
     limiter: RateLimiter | None = None,
     body_budget_bytes: int = 256 * 1024 * 1024,
+    access: Access | None = None,
 ) -> FastAPI:
-    """The scheduler's FastAPI app (no module-level app object)."""
+    """The scheduler's FastAPI app (no module-level app object); `access`: who may call
+    it (default: anyone)."""
+    access = access or open_access()
+    submit, cancel = (
+        [Depends(access.guard.require(Scope.SUBMIT, json_body=True))],
+        [Depends(access.guard.require(Scope.CANCEL))],
+    )
     app = FastAPI(
         title="leveret scheduler",
         version=__version__,
@@ -304,15 +329,26 @@ def create_app(
         response_model=Accepted,
         openapi_extra=_body_schema("SubmitTask"),
         responses={200: {"model": Accepted, "description": "Duplicate id: the existing task"}},
+        dependencies=submit,
     )(routes.submit)
-    app.post("/tasks/batch", status_code=202, openapi_extra=_body_schema("SubmitBatch"))(
-        routes.submit_batch
-    )
-    app.delete("/tasks/{task_id}", status_code=202)(routes.cancel)
+    app.post(
+        "/tasks/batch",
+        status_code=202,
+        openapi_extra=_body_schema("SubmitBatch"),
+        dependencies=submit,
+    )(routes.submit_batch)
+    app.delete("/tasks/{task_id}", status_code=202, dependencies=cancel)(routes.cancel)
     app.add_exception_handler(UnavailableError, _unavailable_handler)
     app.get("/healthz")(routes.healthz)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    access.protect(app)
     return app
+
+
+def _owned(work: Submission, request: Request) -> Submission:
+    """`work` marked as the calling token's (when tokens are configured)."""
+    principal: Principal | None = getattr(request.state, "principal", None)
+    return work if principal is None else dataclasses.replace(work, owner=principal.id)
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:

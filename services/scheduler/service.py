@@ -12,6 +12,7 @@ from loguru import logger
 from pydantic import ValidationError
 
 from leveret.amqp import BROKER_EXCEPTIONS, connect, json_message, open_channel
+from leveret.auth import access_from
 from leveret.contracts import SchedulerStarted, WorkerStarted, decode_event
 from leveret.db import map_db_errors
 from leveret.errors import LeveretError
@@ -39,9 +40,10 @@ async def run(
 ) -> None:
     """Run the scheduler until `stop` is set, then drain and close."""
     name = f"leveret-scheduler-{socket.gethostname()}-{os.getpid()}"
+    access = access_from(settings)  # refuses an unsafe bind before anything opens
     assert settings.scheduler_database_url is not None
     store = await SubmissionStore.open(settings.scheduler_database_url)
-    connection = await connect(settings.amqp_url, name)
+    connection = await connect(settings.amqp_url, name, tls=settings.amqp_tls)
     try:
         channel = await open_channel(connection)
         declared = await settings.topology.declare(channel)
@@ -74,8 +76,15 @@ async def run(
             max_bytes=settings.max_payload_bytes,
             limiter=limiter,
             body_budget_bytes=settings.http_body_budget_bytes,
+            access=access,
         )
-        server = http_server(app, settings.host, settings.port)
+        server = http_server(
+            app,
+            settings.host,
+            settings.port,
+            cert_file=settings.tls_cert_file,
+            key_file=settings.tls_key_file,
+        )
 
         async with asyncio.TaskGroup() as group:
             flusher = group.create_task(admission.run(), name="admission")
@@ -99,7 +108,8 @@ async def run(
             http = group.create_task(server.serve(), name="http")
             if await wait_started(server, stop):
                 logger.info(
-                    "scheduler ready: http://{}:{} , intake {} , kinds {}",
+                    "scheduler ready: {}://{}:{} , intake {} , kinds {}",
+                    "https" if settings.tls_cert_file else "http",
                     settings.host,
                     settings.port,
                     settings.topology.intake.name,

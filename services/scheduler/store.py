@@ -41,7 +41,7 @@ from sqlalchemy import Connection, bindparam, delete, func, inspect, select, tup
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from leveret.contracts import TaskMessage, TaskStatus, utcnow
-from leveret.db import UtcDateTime, add_missing_columns, create_engine, insert_for
+from leveret.db import UtcDateTime, add_missing_columns, create_engine, insert_for, map_db_errors
 from leveret.scheduler.holds import HOLD_THRESHOLD_S, ParentOutcome
 from leveret.scheduler.tables import (
     BLOCKED,
@@ -76,6 +76,8 @@ class Submission:
     run_at: datetime | None = None
     #: Written with a new row only (see :meth:`SubmissionStore.unacked_intake`); not read back.
     intake_key: str | None = field(default=None, compare=False, repr=False)
+    #: The submitting API token's id (:func:`leveret.auth.token_id`); written with a new row.
+    owner: str | None = field(default=None, compare=False, repr=False)
 
     @property
     def id(self) -> str:
@@ -184,6 +186,15 @@ class SubmissionStore:
             found.update(await self._outcomes(conn, sorted(set(ids))))
         return found
 
+    async def owner_of(self, task_id: str) -> str | None:
+        """The id of the API token that submitted `task_id` (None: no token, or unknown)."""
+        with map_db_errors():
+            async with self.engine.connect() as conn:
+                row = await conn.execute(
+                    select(submissions.c.owner).where(submissions.c.id == task_id)
+                )
+                return row.scalar()
+
     async def claim(self, items: Sequence[tuple[Submission, str]]) -> dict[str, Existing]:
         """Write every (submission, state) whose id is new, with its dependency edges;
         return the ones that already existed (also those another scheduler replica
@@ -210,6 +221,7 @@ class SubmissionStore:
                             "run_at": s.run_at,
                             "depends_on": json.dumps(list(s.depends_on)) if s.depends_on else None,
                             "intake_key": s.intake_key,
+                            "owner": s.owner,
                         }
                         for s, state in fresh
                     ],

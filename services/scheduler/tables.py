@@ -34,6 +34,8 @@ submissions = Table(
     # An AMQP submission without an id: a digest of its delivery, kept until its ack is
     # recorded, so a redelivery after a crash finds the task its first delivery made.
     Column("intake_key", String(64)),
+    # The submitting API token's id (a digest, never the token): who may cancel it.
+    Column("owner", String(64)),
 )
 # The releaser's query: delayed rows by due time.
 Index("ix_submissions_state_run_at", submissions.c.state, submissions.c.run_at)

@@ -5,7 +5,9 @@ that retention purged (finished more than ``LEVERET_RETENTION`` ago) is a 410 Go
 while its id is remembered (one more retention period), then a 404 whose message
 names retention. While the database cannot be reached (or stays locked), every read
 answers 503 with ``Retry-After``; a statement the database refuses for good answers
-500 with a message (both JSON, never a traceback).
+500 with a message (both JSON, never a traceback). With API tokens configured
+(:mod:`leveret.auth`) every route but ``/healthz`` needs the `read` scope: 401
+without a valid token, 403 without the scope.
 """
 
 from __future__ import annotations
@@ -14,12 +16,13 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse
 from loguru import logger
 from pydantic import BaseModel, JsonValue
 from sqlalchemy.exc import SQLAlchemyError
 
+from leveret.auth import Access, Scope, open_access
 from leveret.contracts import TaskStatus, utcnow
 from leveret.db import map_db_errors
 from leveret.errors import LeveretError, StoreError, StoreUnavailable
@@ -299,13 +302,18 @@ def create_app(
     *,
     consuming: Callable[[], bool] = lambda: False,
     clock: Callable[[], datetime] = utcnow,
+    access: Access | None = None,
 ) -> FastAPI:
-    """The tracker API over `store`; `consuming` tells `/healthz` whether the consumer runs."""
+    """The tracker API over `store`; `consuming` tells `/healthz` whether the consumer runs;
+    `access`: who may call it (default: anyone)."""
+    access = access or open_access()
+    read = [Depends(access.guard.require(Scope.READ))]
     app = FastAPI(
         title="leveret tracker",
         version="1",
         summary=f"Task status, results and workers of namespace {settings.namespace!r}.",
     )
+    access.protect(app)
 
     _handle_store_errors(app)
 
@@ -313,6 +321,7 @@ def create_app(
         "/tasks/{task_id}",
         response_model=TaskView,
         responses={404: {"description": "Unknown task"}, 410: {"description": "Purged"}},
+        dependencies=read,
     )
     async def get_task(task_id: str) -> TaskView:
         """A task's status, result or error, attempts and timestamps. 410 Gone for a task
@@ -324,7 +333,7 @@ def create_app(
             waiting_for = unmet_requirements(record.pool, record.requires, workers)
         return task_view(record, waiting_for)
 
-    @app.get("/tasks", response_model=TaskPageView)
+    @app.get("/tasks", response_model=TaskPageView, dependencies=read)
     async def list_tasks(
         status: TaskStatus | None = None,
         kind: str | None = None,
@@ -343,13 +352,13 @@ def create_app(
             next_cursor=page.next_cursor,
         )
 
-    @app.get("/workers", response_model=WorkersView)
+    @app.get("/workers", response_model=WorkersView, dependencies=read)
     async def list_workers() -> WorkersView:
         """Every registered worker: state, last heartbeat, tasks in flight, recorded results."""
         views = await store.list_workers(clock())
         return WorkersView(workers=[_worker_info(w) for w in views])
 
-    @app.get("/stats", response_model=StatsView)
+    @app.get("/stats", response_model=StatsView, dependencies=read)
     async def stats() -> StatsView:
         """Counts by status, throughput, latency percentiles and per-worker totals."""
         s = await store.stats(clock())

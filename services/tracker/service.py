@@ -10,6 +10,7 @@ import socket
 from loguru import logger
 
 from leveret.amqp import connect, open_channel
+from leveret.auth import access_from
 from leveret.contracts import utcnow
 from leveret.management import ManagementApi, vhost_of
 from leveret.runtime import http_server, run_service, wait_started
@@ -32,13 +33,14 @@ async def run(
     """Run the tracker until `stop` is set; `ready` is set once it consumes and listens."""
     started_at = utcnow()  # every worker gets one heartbeat timeout from here
     name = f"leveret-tracker-{socket.gethostname()}-{os.getpid()}"
+    access = access_from(settings)  # refuses an unsafe bind before anything opens
     assert settings.database_url is not None  # TrackerSettings fills in the default
     store = await TrackerStore.open(
         settings.database_url, heartbeat_timeout_s=settings.heartbeat_timeout_s
     )
     api = ManagementApi.from_settings(settings.management_url, settings.amqp_url)
     try:
-        connection = await connect(settings.amqp_url, name)
+        connection = await connect(settings.amqp_url, name, tls=settings.amqp_tls)
         try:
             channel = await open_channel(connection)
             await settings.topology.declare(channel)
@@ -68,9 +70,18 @@ async def run(
                 worker_retention_s=settings.worker_retention,
             )
             app = create_app(
-                store, settings, consuming=lambda: consumer.running and dead_letters.running
+                store,
+                settings,
+                consuming=lambda: consumer.running and dead_letters.running,
+                access=access,
             )
-            server = http_server(app, settings.host, settings.port)
+            server = http_server(
+                app,
+                settings.host,
+                settings.port,
+                cert_file=settings.tls_cert_file,
+                key_file=settings.tls_key_file,
+            )
             async with asyncio.TaskGroup() as group:
                 await replies.start(connection)
                 await consumer.start(connection)
@@ -82,9 +93,10 @@ async def run(
                 http = group.create_task(server.serve(), name="tracker-http")
                 if await wait_started(server, stop):
                     logger.info(
-                        "tracker ready: http://{}:{} , queue {} , database {} , "
+                        "tracker ready: {}://{}:{} , queue {} , database {} , "
                         "management API {} , heartbeat timeout {} s , retention {} , "
                         "worker retention {}",
+                        "https" if settings.tls_cert_file else "http",
                         settings.host,
                         settings.port,
                         settings.topology.tracker.name,

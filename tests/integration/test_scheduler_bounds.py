@@ -131,7 +131,7 @@ def test_bodies_are_refused_by_size_before_they_are_read(cluster: Cluster) -> No
     cluster.extra_env["LEVERET_MAX_PAYLOAD_BYTES"] = str(MAX_BYTES)
     scheduler = cluster.start_scheduler()
     port = cluster.scheduler_port
-    json_head = "Host: x\r\nContent-Type: application/json"
+    json_head = "Host: 127.0.0.1\r\nContent-Type: application/json"
     # A declared length over the limit: answered at once, the body never sent.
     for path, length in (("/tasks", MAX_BYTES + 1), ("/tasks/batch", 10**9)):
         head = f"POST {path} HTTP/1.1\r\n{json_head}\r\nContent-Length: {length}"
@@ -162,7 +162,7 @@ async def test_bodies_held_at_once_have_a_budget(cluster: Cluster) -> None:
     cluster.extra_env["LEVERET_HTTP_BODY_BUDGET_BYTES"] = str(200_000)
     cluster.start_scheduler()
     head = (
-        "POST /tasks HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        "POST /tasks HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
         "Content-Length: 100000\r\n\r\n"
     )
     slow = [socket.create_connection(("127.0.0.1", cluster.scheduler_port)) for _ in range(2)]
