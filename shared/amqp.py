@@ -184,13 +184,31 @@ class Outgoing:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+def connection_user(exchange: AbstractExchange) -> str | None:
+    """The user the connection of an exchange's channel logged in as (None: unknown)."""
+    connection = getattr(getattr(exchange, "channel", None), "_connection", None)
+    user = getattr(getattr(connection, "url", None), "user", None)
+    return user if isinstance(user, str) and user else None
+
+
+def stamp_sender(exchange: AbstractExchange, message: aio_pika.Message) -> aio_pika.Message:
+    """Set the message's ``user_id`` to the connection's user: RabbitMQ refuses a
+    mismatch, so consumers can trust it (see :mod:`leveret.roles`)."""
+    if message.user_id is None:
+        message.user_id = connection_user(exchange)
+    return message
+
+
 async def publish_all(items: Sequence[Outgoing], *, timeout_s: float = 30.0) -> None:
-    """Publish every item and wait for all their confirms together (not one by one).
+    """Publish every item and wait for all their confirms together (not one by one);
+    each carries the connection's user as ``user_id`` (:func:`stamp_sender`).
 
     Raises :class:`PublishError` if any is nacked, unroutable, or unconfirmed.
     """
     if not items:
         return
+    for it in items:
+        stamp_sender(it.exchange, it.message)
     results = await asyncio.gather(
         *(
             it.exchange.publish(

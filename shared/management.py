@@ -109,13 +109,20 @@ class ManagementApi:
         a ``monitoring`` user sees them all but may close only its own."""
         return _CLOSE_ALL_TAG in await self.tags()
 
-    async def close_connections(self, connection_name: str, vhost: str | None, reason: str) -> int:
+    async def close_connections(
+        self,
+        connection_name: str,
+        vhost: str | None,
+        reason: str,
+        users: frozenset[str] | None = None,
+    ) -> int:
         """Close every connection whose client-provided `connection_name` matches (in
-        `vhost`, if given); return how many were closed. The client sees `reason` in its
-        ``connection.close`` (``CONNECTION_FORCED - <reason>``). One that vanished in the
-        meantime is not counted. Raises :class:`BrokerError`."""
+        `vhost`, if given; owned by one of `users`, if given); return how many were
+        closed. The client sees `reason` in its ``connection.close``
+        (``CONNECTION_FORCED - <reason>``). One that vanished in the meantime is not
+        counted. Raises :class:`BrokerError`."""
         listed = await self._request(
-            "GET", "/api/connections", params={"columns": "name,vhost,client_properties"}
+            "GET", "/api/connections", params={"columns": "name,vhost,user,client_properties"}
         )
         if not isinstance(listed, list):
             raise BrokerError(
@@ -126,6 +133,8 @@ class ManagementApi:
             if not isinstance(conn, dict) or _connection_name(conn) != connection_name:
                 continue
             if vhost is not None and conn.get("vhost") != vhost:
+                continue
+            if users is not None and conn.get("user") not in users:
                 continue
             name = str(conn.get("name", ""))
             path = f"/api/connections/{quote(name, safe='')}"

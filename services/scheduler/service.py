@@ -11,7 +11,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobus
 from loguru import logger
 from pydantic import ValidationError
 
-from leveret.amqp import BROKER_EXCEPTIONS, connect, json_message, open_channel
+from leveret.amqp import BROKER_EXCEPTIONS, connect, json_message, open_channel, stamp_sender
 from leveret.auth import access_from
 from leveret.contracts import SchedulerStarted, WorkerStarted, decode_event
 from leveret.db import map_db_errors
@@ -102,9 +102,9 @@ async def run(
             intake_channel = await open_channel(connection, prefetch=settings.intake_prefetch)
             intake_queue = await settings.topology.intake.declare(intake_channel)
             tag = await intake_queue.consume(intake.on_message)
-            await declared.exchange(settings.topology.events_exchange).publish(
-                json_message(SchedulerStarted(), persistent=False), RK_SCHEDULER_STARTED
-            )
+            events = declared.exchange(settings.topology.events_exchange)
+            hello = stamp_sender(events, json_message(SchedulerStarted(), persistent=False))
+            await events.publish(hello, RK_SCHEDULER_STARTED)
             http = group.create_task(server.serve(), name="http")
             if await wait_started(server, stop):
                 logger.info(

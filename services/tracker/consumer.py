@@ -66,11 +66,15 @@ from leveret.contracts import (
     TaskResult,
     TasksAccepted,
     TasksEnded,
+    WorkerHeartbeat,
+    WorkerStarted,
+    WorkerStopped,
     decode_event,
     utcnow,
 )
 from leveret.db import map_db_errors
 from leveret.errors import StoreUnavailable
+from leveret.roles import RoleUsers
 from leveret.topology import RK_TASKS_ACCEPTED, RK_TASKS_ENDED, Topology
 from leveret.tracker.ledger import message_ids
 from leveret.tracker.replies import ReplySender
@@ -88,8 +92,21 @@ _BATCH_EVENTS: dict[str, type[TasksAccepted | TasksEnded]] = {
     RK_TASKS_ACCEPTED: TasksAccepted,
     RK_TASKS_ENDED: TasksEnded,
 }
+#: Distinct senders remembered per worker id (for fencing: see leveret.roles).
+MAX_USERS_PER_WORKER = 8
 #: At most one log line per this many seconds about oversized messages.
 OVERSIZED_LOG_EVERY_S = 60.0
+
+
+def sender_of(delivery: AbstractIncomingMessage) -> str | None:
+    """The verified user who published a delivery (its ``user_id``), if stamped."""
+    user = getattr(delivery, "user_id", None)
+    return user if isinstance(user, str) and user else None
+
+
+def message_type(message: TrackerMessage) -> str:
+    """The type :data:`leveret.roles.SENDERS` knows a message by."""
+    return "result" if isinstance(message, TaskResult) else str(message.type)
 
 
 class Undecodable(ValueError):
@@ -155,8 +172,14 @@ class Consumer:
         batch_max: int,
         batch_wait_ms: float,
         replies: ReplySender | None = None,
+        roles: RoleUsers | None = None,
     ) -> None:
-        """`replies` sends the replies a batch leaves owed (None: none is sent)."""
+        """`replies` sends the replies a batch leaves owed (None: none is sent); `roles`
+        says who may send what (default: anyone anything)."""
+        self.roles = roles or RoleUsers({})
+        self.worker_users: dict[str, set[str]] = {}  # worker id -> verified senders of its news
+        self.forged = 0
+        self._forgers: set[str] = set()
         self.store = store
         self.replies = replies
         self.topology = topology
@@ -282,8 +305,44 @@ class Consumer:
             except Undecodable as exc:
                 await self._refuse(delivery, str(exc))
             else:
-                decoded.append((delivery, message))
+                if self._sent_by_its_role(delivery, message):
+                    decoded.append((delivery, self._as_received(delivery, message)))
+                else:
+                    await self._refuse_sender(delivery, message_type(message))
         return decoded
+
+    def _sent_by_its_role(self, delivery: AbstractIncomingMessage, message: TrackerMessage) -> bool:
+        return self.roles.may_send(message_type(message), sender_of(delivery))
+
+    def _as_received(
+        self, delivery: AbstractIncomingMessage, message: TrackerMessage
+    ) -> TrackerMessage:
+        """A worker event as heard: its verified sender noted for fencing, its time never
+        later than now (a heartbeat stamped in the future must not hide its worker)."""
+        if not isinstance(message, WorkerStarted | WorkerHeartbeat | WorkerStopped):
+            return message
+        worker_id = message.worker if isinstance(message, WorkerStopped) else message.worker.id
+        users = self.worker_users.setdefault(worker_id, set())
+        if len(users) < MAX_USERS_PER_WORKER:
+            users.add(sender_of(delivery) or "")
+        now = utcnow()
+        return message.model_copy(update={"at": now}) if message.at > now else message
+
+    async def _refuse_sender(self, delivery: AbstractIncomingMessage, kind: str) -> None:
+        """Set aside a message its sender's role may not send (dead-lettered, not acted
+        on); one log line per sender."""
+        self.forged += 1
+        sender = sender_of(delivery) or ""
+        if sender not in self._forgers:
+            self._forgers.add(sender)
+            logger.warning(
+                "refused {} from user {!r}: that role may not send it (message {}); set "
+                "aside in the rejected queue; further ones from this user are only counted",
+                kind,
+                sender or "(not stamped)",
+                delivery.message_id,
+            )
+        await self._dead_letter(delivery)
 
     async def _process(self, batch: list[AbstractIncomingMessage]) -> None:
         decoded = await self._decode_all(batch)

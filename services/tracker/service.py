@@ -13,6 +13,7 @@ from leveret.amqp import connect, open_channel
 from leveret.auth import access_from
 from leveret.contracts import utcnow
 from leveret.management import ManagementApi, vhost_of
+from leveret.roles import amqp_user
 from leveret.runtime import http_server, run_service, wait_started
 from leveret.settings import TrackerSettings
 from leveret.tracker.api import create_app
@@ -53,7 +54,9 @@ async def run(
                 batch_max=settings.batch_max,
                 batch_wait_ms=settings.batch_wait_ms,
                 replies=replies,
+                roles=settings.roles,
             )
+            own_user = amqp_user(settings.amqp_url)
             dead_letters = DeadLetters(store, settings.topology, replies)
             watchdog = Watchdog(
                 store,
@@ -63,6 +66,9 @@ async def run(
                 caught_up=consumer.caught_up_at,
                 listening_since=consumer.listening_since,
                 started_at=started_at,
+                fence_users=lambda w: settings.roles.fence_users(
+                    consumer.worker_users.get(w), own_user
+                ),
             )
             retention = Retention(
                 store,

@@ -9,7 +9,8 @@ consumer had caught up with its queue while connected: a heartbeat still waiting
 in the tracker's own backlog is not silence.
 
 For each such worker it closes the worker's AMQP connections (``connection_name``
-= worker id, in the tracker's vhost) through the management API, with a reason
+= worker id, in the tracker's vhost, and owned by the verified user its news came
+from: see :meth:`leveret.roles.RoleUsers.fence_users`) through the management API, with a reason
 containing ``leveret-fenced`` so that the worker, if it ever wakes up, knows to
 re-register under a new id. The broker requeues the worker's unacked deliveries
 at once. Then, in one transaction, the worker becomes `dead` and its open
@@ -69,7 +70,11 @@ class ConnectionCloser(Protocol):
     async def closes_all_connections(self) -> bool: ...
 
     async def close_connections(
-        self, connection_name: str, vhost: str | None, reason: str
+        self,
+        connection_name: str,
+        vhost: str | None,
+        reason: str,
+        users: frozenset[str] | None = None,
     ) -> int: ...
 
 
@@ -88,9 +93,12 @@ class Watchdog:
         listening_since: Callable[[], datetime] | None = None,
         started_at: datetime | None = None,
         gone_confirm_s: float = GONE_CONFIRM_S,
+        fence_users: Callable[[str], frozenset[str]] | None = None,
     ) -> None:
         """`caught_up` and `listening_since` come from the consumer (see the module
-        docstring); `started_at` is the tracker's start (default: now)."""
+        docstring); `started_at` is the tracker's start (default: now); `fence_users`
+        names the users whose connections a worker's fence may close (None: any)."""
+        self.fence_users = fence_users
         self.store = store
         self.api = api
         self.timeout_s = timeout_s
@@ -179,7 +187,8 @@ class Watchdog:
         worker = item.worker
         reason = f"{FENCED_MARKER}: no heartbeat for {item.silent_s:.0f} s"
         try:
-            closed = await self.api.close_connections(worker.id, self.vhost, reason)
+            users = self.fence_users(worker.id) if self.fence_users is not None else None
+            closed = await self.api.close_connections(worker.id, self.vhost, reason, users)
             sees_all = closed > 0 or await self._visibility()
         except BrokerError as exc:
             await self._unfenced(item, now, str(exc))

@@ -18,7 +18,7 @@ from aio_pika.abc import AbstractChannel
 from loguru import logger
 from pydantic import BaseModel
 
-from leveret.amqp import BROKER_EXCEPTIONS, chunks, json_message, send_reply
+from leveret.amqp import BROKER_EXCEPTIONS, chunks, json_message, send_reply, stamp_sender
 from leveret.contracts import (
     MAX_EVENT_BYTES,
     REPLY_PROGRESS,
@@ -90,7 +90,8 @@ class Reports:
             return
         try:
             exchange = await self._events.get_exchange(self.topology.events_exchange, ensure=False)
-            await exchange.publish(json_message(body, persistent=False), routing_key)
+            message = stamp_sender(exchange, json_message(body, persistent=False))
+            await exchange.publish(message, routing_key)
         except BROKER_EXCEPTIONS as exc:
             logger.warning("event {} not sent: {}", routing_key, exc)
 

@@ -57,7 +57,13 @@ class FakeApi:
     async def closes_all_connections(self) -> bool:
         return self.closes_all
 
-    async def close_connections(self, connection_name: str, vhost: str | None, reason: str) -> int:
+    async def close_connections(
+        self,
+        connection_name: str,
+        vhost: str | None,
+        reason: str,
+        users: frozenset[str] | None = None,
+    ) -> int:
         self.calls.append((connection_name, vhost, reason))
         if isinstance(self.closes, BrokerError):
             raise self.closes

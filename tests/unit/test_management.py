@@ -73,7 +73,7 @@ async def test_listing_asks_only_for_the_columns_it_needs() -> None:
 
     async with api(handle) as client:
         assert await client.close_connections("w1", "/", "r") == 0
-    assert seen[0].url.params["columns"] == "name,vhost,client_properties"
+    assert seen[0].url.params["columns"] == "name,vhost,user,client_properties"
 
 
 async def test_a_connection_gone_between_listing_and_closing_is_not_counted() -> None:

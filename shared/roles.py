@@ -1,0 +1,93 @@
+"""Who may send what on the broker: roles, the users that hold them, and the message
+types each role may publish.
+
+RabbitMQ checks a message's ``user_id`` property against the publishing connection's
+user, so a consumer that reads ``user_id`` knows who sent it. Roles map to users
+through settings (``LEVERET_WORKER_USERS`` and so on, comma-separated). A role with
+no users listed may be held by any user: the quick start (one ``guest`` user for
+everything) keeps working, and a deployment enforces roles by listing them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from urllib.parse import unquote, urlsplit
+
+
+class Role(StrEnum):
+    """A part a process plays on the broker."""
+
+    PRODUCER = "producer"  # submits tasks, reads its replies
+    SCHEDULER = "scheduler"  # admits tasks, routes them, cancels them
+    WORKER = "worker"  # runs tasks, reports results and progress, heartbeats
+    TRACKER = "tracker"  # records everything, tells the scheduler what ended
+
+
+#: Who may publish each message type consumed by the tracker and the scheduler
+#: (the `type` of an event; ``result`` for a task result). Types not listed: anyone.
+SENDERS: dict[str, frozenset[Role]] = {
+    "result": frozenset({Role.WORKER, Role.SCHEDULER, Role.TRACKER}),
+    "tasks.started": frozenset({Role.WORKER}),
+    "task.retrying": frozenset({Role.WORKER}),
+    "task.returned": frozenset({Role.WORKER}),
+    "task.progress": frozenset({Role.WORKER}),
+    "worker.started": frozenset({Role.WORKER}),
+    "worker.heartbeat": frozenset({Role.WORKER}),
+    "worker.stopped": frozenset({Role.WORKER}),
+    "tasks.accepted": frozenset({Role.SCHEDULER}),
+    "tasks.ended": frozenset({Role.TRACKER}),
+    "task.cancel": frozenset({Role.SCHEDULER}),
+    "scheduler.started": frozenset({Role.SCHEDULER}),
+    "requirements.declared": frozenset({Role.SCHEDULER}),
+}
+
+
+def amqp_user(url: str) -> str:
+    """The user an AMQP URL logs in as (``guest`` when it names none)."""
+    user = urlsplit(url).username
+    return unquote(user) if user is not None else "guest"
+
+
+@dataclass(frozen=True)
+class RoleUsers:
+    """The users holding each role; a role with none may be held by anyone."""
+
+    users: Mapping[Role, frozenset[str]]
+
+    @classmethod
+    def of(cls, **lists: Iterable[str]) -> RoleUsers:
+        """From keyword lists named after roles, e.g. ``RoleUsers.of(worker=["w"])``."""
+        return cls({Role(k): frozenset(v) for k, v in lists.items()})
+
+    @property
+    def enforced(self) -> bool:
+        """True when at least one role lists its users."""
+        return any(self.users.values())
+
+    def may_send(self, message_type: str, user_id: str | None) -> bool:
+        """Whether a message of this type from `user_id` (None: not stamped) is acted on."""
+        roles = SENDERS.get(message_type)
+        if roles is None:
+            return True
+        allowed: set[str] = set()
+        for role in roles:
+            listed = self.users.get(role, frozenset())
+            if not listed:
+                return True  # this role may be held by anyone
+            allowed |= listed
+        return user_id is not None and user_id in allowed
+
+    def fence_users(self, recorded: Iterable[str] | None, own_user: str) -> frozenset[str]:
+        """Whose connections named after a worker the tracker may close: the verified
+        users its news came from (`recorded`; "" for news not stamped, which names
+        nobody) that may be workers; when nothing is recorded (the tracker restarted
+        since), the worker role's users, else the tracker's own user."""
+        workers = self.users.get(Role.WORKER, frozenset())
+        if recorded is not None:
+            return frozenset(u for u in recorded if u and (not workers or u in workers))
+        return workers or frozenset({own_user})
+
+
+__all__ = ["SENDERS", "Role", "RoleUsers", "amqp_user"]

@@ -1,0 +1,113 @@
+"""Who may do what on the broker, against real processes: forged worker news does not
+hide a hung worker nor get another client's connection closed; forged results and
+cancels from a producer's credentials are not acted on."""
+
+from __future__ import annotations
+
+import os
+import signal
+import uuid
+from collections.abc import Iterator
+from datetime import timedelta
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import aio_pika
+import httpx
+import pytest
+from helpers import TrackerApi, eventually
+
+from leveret.cli.procs import Cluster, Service
+from leveret.contracts import WorkerHeartbeat, WorkerInfo, WorkerStarted, utcnow
+from leveret.management import vhost_of
+from leveret.topology import RK_WORKER_HEARTBEAT, RK_WORKER_STARTED, Topology
+
+API = "http://127.0.0.1:15672/api"
+
+
+class Users:
+    """RabbitMQ users made for one test in its vhost, deleted at teardown."""
+
+    def __init__(self, amqp_url: str) -> None:
+        self.amqp_url = amqp_url
+        self.vhost = vhost_of(amqp_url)
+        self.made: list[str] = []
+
+    def add(self, role: str) -> str:
+        """A new user with every permission in the vhost; its AMQP URL."""
+        name = f"t-{role}-{uuid.uuid4().hex[:6]}"
+        password = uuid.uuid4().hex
+        auth = ("guest", "guest")
+        httpx.put(f"{API}/users/{name}", json={"password": password, "tags": ""}, auth=auth)
+        self.made.append(name)
+        perms = {"configure": ".*", "write": ".*", "read": ".*"}
+        r = httpx.put(
+            f"{API}/permissions/{quote(self.vhost, safe='')}/{name}", json=perms, auth=auth
+        )
+        r.raise_for_status()
+        parts = urlsplit(self.amqp_url)
+        netloc = f"{name}:{password}@{parts.hostname}:{parts.port or 5672}"
+        return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+    def delete_all(self) -> None:
+        for name in self.made:
+            httpx.delete(f"{API}/users/{name}", auth=("guest", "guest"))
+
+
+@pytest.fixture
+def users(amqp_url: str) -> Iterator[Users]:
+    made = Users(amqp_url)
+    yield made
+    made.delete_all()
+
+
+def info(worker_id: str) -> WorkerInfo:
+    return WorkerInfo(
+        id=worker_id, host="h", pid=1, pool="default", concurrency=1, kinds=[], version="0"
+    )
+
+
+async def _state(api: TrackerApi, worker_id: str) -> str | None:
+    return next((w["state"] for w in await api.workers() if w["id"] == worker_id), None)
+
+
+async def test_forged_worker_news_hides_nobody_and_fences_no_stranger(
+    cluster: Cluster, users: Users
+) -> None:
+    cluster.extra_env["LEVERET_HEARTBEAT_TIMEOUT_S"] = "1"
+    tracker = cluster.start_tracker()
+    worker = cluster.start_worker("w-real")
+    api = TrackerApi(cluster.tracker_url)
+    victim = await aio_pika.connect(
+        cluster.amqp_url, client_properties={"connection_name": "victim"}
+    )
+    mallory = await aio_pika.connect(users.add("mallory"))
+    try:
+        await eventually(lambda: _is(api, "w-real", "alive"), 15, "the worker to be alive")
+        os.kill(worker.proc.pid, signal.SIGSTOP)  # hung: no more heartbeats
+        events = await (await mallory.channel()).get_exchange(
+            Topology(cluster.namespace).events_exchange
+        )
+        future = utcnow() + timedelta(days=3650)
+        forged = WorkerHeartbeat(worker=info("w-real"), at=future)
+        await events.publish(
+            aio_pika.Message(forged.model_dump_json().encode()), RK_WORKER_HEARTBEAT
+        )
+        named = WorkerStarted(worker=info("victim"))
+        await events.publish(aio_pika.Message(named.model_dump_json().encode()), RK_WORKER_STARTED)
+
+        await eventually(lambda: declared(tracker, "w-real"), 20, "the hung worker to be fenced")
+        await eventually(lambda: declared(tracker, "victim"), 20, "the forged one written off")
+        assert not victim.is_closed, "the tracker closed a connection that is not a worker's"
+    finally:
+        os.kill(worker.proc.pid, signal.SIGCONT)
+        await victim.close()
+        await mallory.close()
+        await api.close()
+
+
+async def declared(tracker: Service, worker_id: str) -> bool:
+    return f"worker {worker_id} declared dead" in tracker.log()
+
+
+async def _is(api: TrackerApi, worker_id: str, state: str) -> bool:
+    return await _state(api, worker_id) == state
