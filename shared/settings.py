@@ -17,6 +17,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from leveret.builtin_http import parse_allow
 from leveret.builtin_shell import ENV_NAME
 from leveret.contracts import MAX_EVENT_BYTES, MAX_RESULT_BYTES, POOL_PATTERN, Pool, Tag
+from leveret.roles import RoleUsers
 from leveret.tls import AmqpTls
 from leveret.topology import DEFAULT_NAMESPACE, Topology
 
@@ -88,7 +89,33 @@ class CommonSettings(BaseSettings):
         default=None, description="The client certificate's private key, PEM."
     )
 
+    producer_users: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Users holding the producer role (empty: anyone)."
+    )
+    scheduler_users: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Users holding the scheduler role (empty: anyone)."
+    )
+    worker_users: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Users holding the worker role (empty: anyone)."
+    )
+    tracker_users: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Users holding the tracker role (empty: anyone)."
+    )
+
     _parse_retention = field_validator("retention", mode="before")(parse_duration)
+    _split_users = field_validator(
+        "producer_users", "scheduler_users", "worker_users", "tracker_users", mode="before"
+    )(_split_csv)
+
+    @property
+    def roles(self) -> RoleUsers:
+        """Which users hold which role (see :mod:`leveret.roles`)."""
+        return RoleUsers.of(
+            producer=self.producer_users,
+            scheduler=self.scheduler_users,
+            worker=self.worker_users,
+            tracker=self.tracker_users,
+        )
 
     @property
     def topology(self) -> Topology:
