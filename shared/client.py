@@ -32,6 +32,7 @@ from leveret.amqp import Outgoing, connect, json_message, open_channel, publish_
 from leveret.contracts import REPLY_PROGRESS, SubmitTask, TaskProgress, TaskResult, new_task_id
 from leveret.errors import LeveretError
 from leveret.settings import DEFAULT_AMQP_URL
+from leveret.tls import AmqpTls
 from leveret.topology import DEFAULT_NAMESPACE, Topology
 
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
@@ -44,9 +45,14 @@ class Client:
     """Submits tasks to `<namespace>.submit` and collects replies by correlation id."""
 
     def __init__(
-        self, amqp_url: str = DEFAULT_AMQP_URL, *, namespace: str = DEFAULT_NAMESPACE
+        self,
+        amqp_url: str = DEFAULT_AMQP_URL,
+        *,
+        namespace: str = DEFAULT_NAMESPACE,
+        tls: AmqpTls | None = None,
     ) -> None:
         self.amqp_url = amqp_url
+        self.tls = tls  # CA and client certificate for an amqps:// URL
         self.topology = Topology(namespace)
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
@@ -69,7 +75,7 @@ class Client:
     async def connect(self) -> None:
         """Connect, and start listening for replies on direct reply-to."""
         name = f"leveret-client-{socket.gethostname()}-{os.getpid()}"
-        self._connection = await connect(self.amqp_url, name, connect_timeout_s=10)
+        self._connection = await connect(self.amqp_url, name, connect_timeout_s=10, tls=self.tls)
         self._channel = await open_channel(self._connection)
         self._exchange = await self._channel.get_exchange(self.topology.submit_exchange)
         replies = await self._channel.get_queue(DIRECT_REPLY_TO, ensure=False)

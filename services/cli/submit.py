@@ -70,7 +70,9 @@ async def submit_command(
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        async with Client(settings.amqp_url, namespace=settings.namespace) as client:
+        async with Client(
+            settings.amqp_url, namespace=settings.namespace, tls=settings.amqp_tls
+        ) as client:
             ids = await client.submit_many(tasks, wait=wait)
             if not wait:
                 for i in ids:

@@ -216,7 +216,7 @@ class Worker:
     async def _session(self, stop: asyncio.Event, ready: asyncio.Event | None) -> SessionEnd:
         s = self.settings
         connecting = asyncio.ensure_future(
-            connect(s.amqp_url, self.id, robust=False, connect_timeout_s=3600)
+            connect(s.amqp_url, self.id, robust=False, connect_timeout_s=3600, tls=s.amqp_tls)
         )
         await _first(connecting, stop.wait())
         if not connecting.done() or connecting.cancelled():
