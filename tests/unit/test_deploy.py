@@ -37,15 +37,15 @@ DOCKERIGNORE = ROOT / ".dockerignore"
 # The `leveret` subcommands and the flags a deployment may give them. Written out
 # rather than read from leveret.cli, which this test must not import.
 SUBCOMMANDS: dict[str, set[str]] = {
-    "scheduler": {"--port"},
-    "tracker": {"--port"},
+    "scheduler": {"--port", "--host", "--insecure"},
+    "tracker": {"--port", "--host", "--insecure"},
     "worker": {"--concurrency", "--pool", "--handlers", "--shell"},
     "submit": {"--wait"},
     "status": set(),
     "demo": set(),
     "bench": set(),
 }
-VALUE_FLAGS = {"--port", "--concurrency", "--pool", "--handlers"}
+VALUE_FLAGS = {"--port", "--host", "--concurrency", "--pool", "--handlers"}
 SETTINGS = {
     "LEVERET_AMQP_URL",
     "LEVERET_DATABASE_URL",
@@ -53,6 +53,11 @@ SETTINGS = {
     "LEVERET_LOG_JSON",
     "LEVERET_NAMESPACE",
     "LEVERET_MANAGEMENT_URL",
+    "LEVERET_API_TOKENS",
+    "LEVERET_API_TOKENS_FILE",
+    "LEVERET_ALLOWED_HOSTS",
+    "LEVERET_TLS_CERT_FILE",
+    "LEVERET_TLS_KEY_FILE",
 }
 # service -> the HTTP port it serves (None: no HTTP API)
 LEVERET_SERVICES: dict[str, int | None] = {"scheduler": 8080, "tracker": 8081, "worker": None}
@@ -200,6 +205,19 @@ def test_http_port_is_published_and_probed(services: dict[str, dict[str, Any]], 
     assert port in _container_ports(service)
     probe = " ".join(service["healthcheck"]["test"])
     assert f"127.0.0.1:{port}/healthz" in probe
+
+
+@pytest.mark.parametrize("name", ["scheduler", "tracker"])
+def test_apis_listen_on_the_container_network_with_tokens(
+    services: dict[str, dict[str, Any]], name: str
+) -> None:
+    """Bound to every interface (other containers and the published port reach it),
+    so the API needs tokens; `--insecure` would serve anyone."""
+    command = _command(services[name])
+    assert command[command.index("--host") + 1] == "0.0.0.0"
+    assert "--insecure" not in command
+    tokens = _environment(services[name])["LEVERET_API_TOKENS"]
+    assert tokens.startswith("${LEVERET_API_TOKENS:?"), "compose must refuse to start without"
 
 
 def test_tracker_can_reach_the_management_api(services: dict[str, dict[str, Any]]) -> None:
