@@ -13,7 +13,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 from urllib.parse import unquote, urlsplit
+
+from loguru import logger
 
 
 class Role(StrEnum):
@@ -90,4 +93,33 @@ class RoleUsers:
         return workers or frozenset({own_user})
 
 
-__all__ = ["SENDERS", "Role", "RoleUsers", "amqp_user"]
+def sender_of(delivery: Any) -> str | None:
+    """The verified user who published a delivery (its ``user_id``), if stamped."""
+    user = getattr(delivery, "user_id", None)
+    return user if isinstance(user, str) and user else None
+
+
+class RefusedSenders:
+    """Counts messages refused for their sender's role; one log line per sender."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._seen: set[str] = set()
+
+    def refused(self, kind: str, sender: str | None, message_id: str | None) -> None:
+        """Count one refusal (the caller sets the message aside)."""
+        self.count += 1
+        who = sender or "(not stamped)"
+        if who in self._seen:
+            return
+        self._seen.add(who)
+        logger.warning(
+            "refused {} from user {!r} (message {}): that user's role may not send it; "
+            "set aside, not acted on; further ones from this user are only counted",
+            kind,
+            who,
+            message_id,
+        )
+
+
+__all__ = ["SENDERS", "RefusedSenders", "Role", "RoleUsers", "amqp_user", "sender_of"]

@@ -42,6 +42,7 @@ from leveret.batching import fill_batch
 from leveret.contracts import ENDED_STATUSES, TaskResult, TasksEnded, decode_event
 from leveret.db import map_db_errors
 from leveret.errors import StoreUnavailable, UnavailableError
+from leveret.roles import RefusedSenders, RoleUsers, sender_of
 from leveret.scheduler.dependencies import Resolver
 from leveret.scheduler.store import SubmissionStore
 from leveret.topology import Topology
@@ -62,7 +63,11 @@ class Outcomes:
         prefetch: int = 1000,
         batch_max: int = 500,
         batch_wait_ms: float = 5.0,
+        roles: RoleUsers | None = None,
     ) -> None:
+        """`roles` says who may send outcomes (default: anyone)."""
+        self.roles = roles or RoleUsers({})
+        self.forged = RefusedSenders()
         self.store = store
         self.resolver = resolver
         self.topology = topology
@@ -113,7 +118,11 @@ class Outcomes:
         kept: list[AbstractIncomingMessage] = []
         for delivery in batch:
             try:
-                outcomes += _outcomes(delivery.body)
+                kind, found = _outcomes(delivery.body)
+                if not self.roles.may_send(kind, sender_of(delivery)):
+                    self.forged.refused(kind, sender_of(delivery), delivery.message_id)
+                    raise ValueError(f"{kind} from a user whose role may not send it")
+                outcomes += found
             except ValueError as exc:
                 logger.warning("outcome {} dead-lettered: {}", delivery.message_id, exc)
                 with contextlib.suppress(*BROKER_EXCEPTIONS):
@@ -157,17 +166,19 @@ async def _return_all(deliveries: list[AbstractIncomingMessage]) -> None:
         await return_to_queue(delivery)
 
 
-def _outcomes(body: bytes) -> list[tuple[str, str, str | None]]:
-    """(id, status, error type) of each outcome that ends a parent, from a `tasks.ended`
-    event or a plain result; raises ValueError for anything else."""
+def _outcomes(body: bytes) -> tuple[str, list[tuple[str, str, str | None]]]:
+    """The message's type and (id, status, error type) of each outcome that ends a
+    parent, from a `tasks.ended` event or a plain result; raises ValueError for
+    anything else."""
     try:
         event = decode_event(body)
     except ValidationError:
         result = TaskResult.model_validate_json(body)  # the form of earlier builds
         if result.status not in ENDED_STATUSES:
-            return []
+            return "result", []
         error = result.error.type if result.error is not None else None
-        return [(result.id, str(result.status), error)]
+        return "result", [(result.id, str(result.status), error)]
     if not isinstance(event, TasksEnded):
         raise ValueError(f"unexpected event {event.type!r} on the outcomes queue")
-    return [(t.id, t.status, t.error_type) for t in event.tasks if t.status in ENDED_STATUSES]
+    ended = [(t.id, str(t.status), t.error_type) for t in event.tasks if t.status in ENDED_STATUSES]
+    return event.type, ended

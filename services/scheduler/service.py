@@ -16,6 +16,7 @@ from leveret.auth import access_from
 from leveret.contracts import SchedulerStarted, WorkerStarted, decode_event
 from leveret.db import map_db_errors
 from leveret.errors import LeveretError
+from leveret.roles import RefusedSenders, sender_of
 from leveret.runtime import http_server, run_service, wait_started
 from leveret.scheduler.admission import Admission, KindCatalog
 from leveret.scheduler.api import create_app
@@ -67,7 +68,7 @@ async def run(
         )
         await admission.recover()
         await resolver.recover()
-        outcomes = Outcomes(store, resolver, settings.topology)
+        outcomes = Outcomes(store, resolver, settings.topology, roles=settings.roles)
         intake = Intake(admission, declared, kinds, max_bytes=settings.max_payload_bytes)
         limiter = RateLimiter(settings.http_rate_per_s, settings.http_burst)
         app = create_app(
@@ -158,6 +159,7 @@ async def _watch_workers(
     exchange = await channel.get_exchange(settings.topology.events_exchange)
     queue = await channel.declare_queue(exclusive=True, auto_delete=True)
     await queue.bind(exchange, RK_WORKER_STARTED)
+    forged = RefusedSenders()  # its messages are dropped: the tracker's copy is set aside
 
     async def on_event(message: AbstractIncomingMessage) -> None:
         async with message.process(requeue=False, ignore_processed=True):
@@ -166,8 +168,12 @@ async def _watch_workers(
             except ValidationError as exc:
                 logger.warning("ignoring malformed worker announcement: {}", exc)
                 return
-            if isinstance(event, WorkerStarted):
+            if not isinstance(event, WorkerStarted):
+                return
+            if settings.roles.may_send(event.type, sender_of(message)):
                 await _learn(event, kinds, pools, store)
+            else:
+                forged.refused(event.type, sender_of(message), message.message_id)
 
     await queue.consume(on_event)
     return channel

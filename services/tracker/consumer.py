@@ -74,7 +74,7 @@ from leveret.contracts import (
 )
 from leveret.db import map_db_errors
 from leveret.errors import StoreUnavailable
-from leveret.roles import RoleUsers
+from leveret.roles import RefusedSenders, RoleUsers, sender_of
 from leveret.topology import RK_TASKS_ACCEPTED, RK_TASKS_ENDED, Topology
 from leveret.tracker.ledger import message_ids
 from leveret.tracker.replies import ReplySender
@@ -96,12 +96,6 @@ _BATCH_EVENTS: dict[str, type[TasksAccepted | TasksEnded]] = {
 MAX_USERS_PER_WORKER = 8
 #: At most one log line per this many seconds about oversized messages.
 OVERSIZED_LOG_EVERY_S = 60.0
-
-
-def sender_of(delivery: AbstractIncomingMessage) -> str | None:
-    """The verified user who published a delivery (its ``user_id``), if stamped."""
-    user = getattr(delivery, "user_id", None)
-    return user if isinstance(user, str) and user else None
 
 
 def message_type(message: TrackerMessage) -> str:
@@ -178,8 +172,7 @@ class Consumer:
         says who may send what (default: anyone anything)."""
         self.roles = roles or RoleUsers({})
         self.worker_users: dict[str, set[str]] = {}  # worker id -> verified senders of its news
-        self.forged = 0
-        self._forgers: set[str] = set()
+        self.forged = RefusedSenders()
         self.store = store
         self.replies = replies
         self.topology = topology
@@ -329,19 +322,9 @@ class Consumer:
         return message.model_copy(update={"at": now}) if message.at > now else message
 
     async def _refuse_sender(self, delivery: AbstractIncomingMessage, kind: str) -> None:
-        """Set aside a message its sender's role may not send (dead-lettered, not acted
-        on); one log line per sender."""
-        self.forged += 1
-        sender = sender_of(delivery) or ""
-        if sender not in self._forgers:
-            self._forgers.add(sender)
-            logger.warning(
-                "refused {} from user {!r}: that role may not send it (message {}); set "
-                "aside in the rejected queue; further ones from this user are only counted",
-                kind,
-                sender or "(not stamped)",
-                delivery.message_id,
-            )
+        """Set aside a message its sender's role may not send: dead-lettered to the
+        `rejected` queue, not acted on (see :class:`leveret.roles.RefusedSenders`)."""
+        self.forged.refused(kind, sender_of(delivery), delivery.message_id)
         await self._dead_letter(delivery)
 
     async def _process(self, batch: list[AbstractIncomingMessage]) -> None:

@@ -73,6 +73,7 @@ from leveret.contracts import (
 )
 from leveret.errors import ConfigError, UnavailableError
 from leveret.handlers import Registry, TaskContext
+from leveret.roles import RefusedSenders, sender_of
 from leveret.settings import WorkerSettings
 from leveret.topology import (
     RK_SCHEDULER_STARTED,
@@ -152,6 +153,7 @@ class Worker:
         self._gate = BandGate(settings.concurrency)
         self._attempts: dict[str, asyncio.Task[Outcome]] = {}
         self._cancelled = CancelledIds()  # from the cancellations stream
+        self._forged = RefusedSenders()  # cancels from users not in the scheduler role
         self._holding: set[asyncio.Task[Any]] = set()  # deliveries waiting or running
         self._draining = False  # set when a graceful stop begins: take no new queues
         self._handing_back = False  # a graceful stop gives deliveries back (not a lost session)
@@ -568,10 +570,18 @@ class Worker:
                 logger.warning("ignoring a malformed cancellation: {}", exc)
             else:
                 if isinstance(command, CancelTask):
-                    self._cancel(command)
+                    self._cancel_if_allowed(command, message)
             await message.ack()
 
         await stream.consume(on_cancel, arguments={"x-stream-offset": "first"})
+
+    def _cancel_if_allowed(self, command: CancelTask, message: AbstractIncomingMessage) -> None:
+        """Act on a cancel only from a scheduler; another one stays in the stream (a
+        day), where an operator can read it."""
+        if self.settings.roles.may_send(command.type, sender_of(message)):
+            self._cancel(command)
+        else:
+            self._forged.refused(command.type, sender_of(message), message.message_id)
 
     def _cancel(self, command: CancelTask) -> None:
         self._cancelled.add(command.id, command.reason, command.at)

@@ -14,12 +14,25 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import aio_pika
 import httpx
 import pytest
-from helpers import TrackerApi, eventually
+from helpers import TrackerApi, eventually, ready_messages
 
 from leveret.cli.procs import Cluster, Service
-from leveret.contracts import WorkerHeartbeat, WorkerInfo, WorkerStarted, utcnow
+from leveret.contracts import (
+    CancelTask,
+    TaskResult,
+    WorkerHeartbeat,
+    WorkerInfo,
+    WorkerStarted,
+    utcnow,
+)
 from leveret.management import vhost_of
-from leveret.topology import RK_WORKER_HEARTBEAT, RK_WORKER_STARTED, Topology
+from leveret.topology import (
+    RK_TASK_CANCEL,
+    RK_WORKER_HEARTBEAT,
+    RK_WORKER_STARTED,
+    Topology,
+    result_routing_key,
+)
 
 API = "http://127.0.0.1:15672/api"
 
@@ -71,7 +84,7 @@ async def _state(api: TrackerApi, worker_id: str) -> str | None:
 
 
 async def test_forged_worker_news_hides_nobody_and_fences_no_stranger(
-    cluster: Cluster, users: Users
+    users: Users, cluster: Cluster
 ) -> None:
     cluster.extra_env["LEVERET_HEARTBEAT_TIMEOUT_S"] = "1"
     tracker = cluster.start_tracker()
@@ -111,3 +124,48 @@ async def declared(tracker: Service, worker_id: str) -> bool:
 
 async def _is(api: TrackerApi, worker_id: str, state: str) -> bool:
     return await _state(api, worker_id) == state
+
+
+async def test_forged_result_and_cancel_from_a_producer_are_not_acted_on(
+    users: Users, cluster: Cluster
+) -> None:
+    urls = {role: users.add(role) for role in ("scheduler", "tracker", "worker", "producer")}
+    for role in ("scheduler", "tracker", "worker"):
+        cluster.extra_env[f"LEVERET_{role.upper()}_USERS"] = urlsplit(urls[role]).username or ""
+    cluster.extra_env["LEVERET_POOLS"] = "default,idle"
+    cluster.extra_env["LEVERET_MANAGEMENT_URL"] = "http://guest:guest@127.0.0.1:15672"
+    cluster.extra_env["LEVERET_AMQP_URL"] = urls["scheduler"]
+    cluster.start_scheduler()
+    cluster.extra_env["LEVERET_AMQP_URL"] = urls["tracker"]
+    cluster.start_tracker()
+    api = TrackerApi(cluster.tracker_url)
+    topology = Topology(cluster.namespace)
+    producer = await aio_pika.connect(urls["producer"])
+    try:
+        async with httpx.AsyncClient() as http:
+            task = {"kind": "echo", "payload": "real", "pool": "idle"}
+            r = await http.post(f"{cluster.scheduler_url}/tasks", json=task)
+        assert r.status_code == 202, r.text
+        task_id = r.json()["id"]
+        await api.reach(task_id, "pending")
+        channel = await producer.channel()
+        forged = TaskResult(
+            id=task_id, kind="echo", pool="idle", status="completed", result="forged"
+        )
+        results = await channel.get_exchange(topology.results_exchange)
+        key = result_routing_key("completed", "idle", "echo")
+        await results.publish(aio_pika.Message(forged.model_dump_json().encode()), key)
+        events = await channel.get_exchange(topology.events_exchange)
+        cancel = CancelTask(id=task_id, reason="forged")
+        await events.publish(aio_pika.Message(cancel.model_dump_json().encode()), RK_TASK_CANCEL)
+
+        async def set_aside() -> bool:
+            return await ready_messages(cluster.amqp_url, topology.rejected.name) >= 2
+
+        await eventually(set_aside, 15, "both forgeries to be set aside in the rejected queue")
+        cluster.start_worker("w-idle", "--pool", "idle", env={"LEVERET_AMQP_URL": urls["worker"]})
+        done = await api.reach(task_id, "completed")
+        assert done["result"] == "real"
+    finally:
+        await producer.close()
+        await api.close()

@@ -49,13 +49,13 @@ def test_the_scheduler_reads_tasks_ended_and_plain_results() -> None:
     event = TasksEnded(
         tasks=[EndedTask(id="a", status="completed"), EndedTask(id="b", status="cancelled")]
     )
-    assert _outcomes(event.model_dump_json().encode()) == [
-        ("a", "completed", None),
-        ("b", "cancelled", None),
-    ]
+    assert _outcomes(event.model_dump_json().encode()) == (
+        "tasks.ended",
+        [("a", "completed", None), ("b", "cancelled", None)],
+    )
     legacy = result("c", "failed", "boom").model_dump_json().encode()
-    assert _outcomes(legacy) == [("c", "failed", "boom")]
-    assert _outcomes(result("d", "rejected", "x").model_dump_json().encode()) == []
+    assert _outcomes(legacy) == ("result", [("c", "failed", "boom")])
+    assert _outcomes(result("d", "rejected", "x").model_dump_json().encode()) == ("result", [])
 
 
 @pytest.mark.parametrize("body", [b"{oops", b"[]", SchedulerStarted().model_dump_json().encode()])
