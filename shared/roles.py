@@ -10,6 +10,7 @@ everything) keeps working, and a deployment enforces roles by listing them.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -93,6 +94,48 @@ class RoleUsers:
         return workers or frozenset({own_user})
 
 
+@dataclass(frozen=True)
+class Permissions:
+    """One user's RabbitMQ permission regexes in the vhost (configure, write, read)."""
+
+    configure: str
+    write: str
+    read: str
+
+
+def broker_permissions(namespace: str) -> dict[Role, Permissions]:
+    """Each role's least-privilege permissions on a namespace's names (see
+    docs/security.md, "Roles on the broker"). Services declare the whole topology at
+    start, so every service role may configure, bind and read the namespace's
+    names; what sets them apart is where they may publish. A producer may only
+    publish to ``<ns>.submit`` and read its own replies (direct reply-to, or a
+    server-named ``amq.gen-…`` or client-named ``amq_<hex>`` exclusive queue it
+    declares); nobody but the scheduler may
+    publish to ``<ns>.submit``."""
+    ns = re.escape(namespace)
+    own = rf"{ns}\..*"
+    replies = r"(?:amq\.gen-.*|amq_[0-9a-f]+)"  # server-named, or named by aio-pika
+    service = Permissions(
+        configure=rf"^({own}|{replies})$",
+        write=rf"^({ns}\.(?!submit$).*|{replies}|amq\.default)$",
+        read=rf"^({own}|{replies})$",
+    )
+    return {
+        Role.PRODUCER: Permissions(
+            configure=rf"^{replies}$",
+            write=rf"^{ns}\.submit$",
+            read=rf"^({replies}|amq\.rabbitmq\.reply-to)$",
+        ),
+        Role.SCHEDULER: Permissions(
+            configure=service.configure,
+            write=rf"^({own}|{replies}|amq\.default)$",
+            read=service.read,
+        ),
+        Role.WORKER: service,
+        Role.TRACKER: service,
+    }
+
+
 def sender_of(delivery: Any) -> str | None:
     """The verified user who published a delivery (its ``user_id``), if stamped."""
     user = getattr(delivery, "user_id", None)
@@ -122,4 +165,13 @@ class RefusedSenders:
         )
 
 
-__all__ = ["SENDERS", "RefusedSenders", "Role", "RoleUsers", "amqp_user", "sender_of"]
+__all__ = [
+    "SENDERS",
+    "Permissions",
+    "RefusedSenders",
+    "Role",
+    "RoleUsers",
+    "amqp_user",
+    "broker_permissions",
+    "sender_of",
+]

@@ -12,9 +12,12 @@ import json
 import sys
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 import typer
 
+from leveret.envfile import apply_env_file
+from leveret.roles import Role
 from leveret.settings import SchedulerSettings, TrackerSettings, WorkerSettings
 
 app = typer.Typer(
@@ -28,6 +31,7 @@ app = typer.Typer(
 
 HOST_HELP = "HTTP bind address [env LEVERET_HOST; 127.0.0.1]"
 INSECURE_HELP = "Serve without API tokens on a non-loopback address [env LEVERET_INSECURE]"
+ENV_FILE_HELP = "Role env file from broker-setup [env LEVERET_ENV_FILE]"
 
 
 def _given(**flags: Any) -> dict[str, Any]:
@@ -40,10 +44,12 @@ def scheduler(
     port: Annotated[int | None, typer.Option(help="HTTP port [env LEVERET_PORT; 8080]")] = None,
     host: Annotated[str | None, typer.Option(help=HOST_HELP)] = None,
     insecure: Annotated[bool, typer.Option("--insecure", help=INSECURE_HELP)] = False,
+    env_file: Annotated[Path | None, typer.Option(help=ENV_FILE_HELP)] = None,
 ) -> None:
     """Run the scheduler: AMQP intake on leveret.submit and the HTTP submission API."""
     from leveret.scheduler.service import main
 
+    apply_env_file(env_file, Role.SCHEDULER)
     main(SchedulerSettings(**_given(port=port, host=host, insecure=insecure or None)))
 
 
@@ -52,10 +58,12 @@ def tracker(
     port: Annotated[int | None, typer.Option(help="HTTP port [env LEVERET_PORT; 8081]")] = None,
     host: Annotated[str | None, typer.Option(help=HOST_HELP)] = None,
     insecure: Annotated[bool, typer.Option("--insecure", help=INSECURE_HELP)] = False,
+    env_file: Annotated[Path | None, typer.Option(help=ENV_FILE_HELP)] = None,
 ) -> None:
     """Run the tracker: records every status, watches workers, serves the tracker API."""
     from leveret.tracker.service import main
 
+    apply_env_file(env_file, Role.TRACKER)
     main(TrackerSettings(**_given(port=port, host=host, insecure=insecure or None)))
 
 
@@ -76,10 +84,12 @@ def worker(
         list[str] | None,
         typer.Option(help="Cluster-wide limit, kind:running=N,rate=R (repeatable)"),
     ] = None,
+    env_file: Annotated[Path | None, typer.Option(help=ENV_FILE_HELP)] = None,
 ) -> None:
     """Run a worker that serves one pool."""
     from leveret.worker.service import main
 
+    apply_env_file(env_file, Role.WORKER)
     flags = _given(
         concurrency=concurrency,
         pool=pool,
@@ -126,6 +136,42 @@ def submit(
         )
     )
     raise typer.Exit(code)
+
+
+@app.command("broker-setup")
+def broker_setup(
+    admin_url: Annotated[
+        str, typer.Option(help="Management API with an administrator, http://user:pass@host:15672/")
+    ],
+    vhost: Annotated[str, typer.Option(help="Virtual host (made if missing)")] = "/",
+    env_file: Annotated[
+        Path | None, typer.Option(help="Write the role URLs here (mode 600)")
+    ] = None,
+    namespace: Annotated[
+        str, typer.Option(envvar="LEVERET_NAMESPACE", help="Namespace the permissions cover")
+    ] = "leveret",
+    amqp_url: Annotated[
+        str | None, typer.Option(help="Where services connect; amqp://<admin host>:5672")
+    ] = None,
+    rotate: Annotated[bool, typer.Option("--rotate", help="New passwords for every user")] = False,
+    fencer: Annotated[
+        bool, typer.Option(help="Make the administrator user the tracker fences with")
+    ] = True,
+) -> None:
+    """Create one RabbitMQ user per role with least-privilege permissions (idempotent)."""
+    from leveret.cli import brokersetup
+
+    host = urlsplit(admin_url).hostname or "127.0.0.1"
+    plan = brokersetup.Plan(
+        admin_url=admin_url,
+        vhost=vhost,
+        namespace=namespace,
+        amqp_url=amqp_url or f"amqp://{host}:5672",
+        env_file=env_file,
+        rotate=rotate,
+        fencer=fencer,
+    )
+    raise typer.Exit(brokersetup.broker_setup(plan))
 
 
 @app.command()

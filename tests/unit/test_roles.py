@@ -26,3 +26,14 @@ def test_a_fence_closes_only_connections_of_the_workers_verified_senders() -> No
     assert RoleUsers.of().fence_users(None, "t") == {"t"}
     assert amqp_user("amqp://a%40b:x@h/") == "a@b"
     assert amqp_user("amqp://h/") == "guest"
+
+
+def test_a_role_line_of_the_env_file_is_that_roles_setting() -> None:
+    from leveret.envfile import for_role
+    from leveret.roles import Role
+
+    lines = {"LEVERET_WORKER_AMQP_URL": "amqp://w", "LEVERET_WORKER_USERS": "w"}
+    env = for_role(lines, Role.WORKER)
+    assert env["LEVERET_AMQP_URL"] == "amqp://w"
+    assert env["LEVERET_WORKER_USERS"] == "w"  # applies as written to every role
+    assert "LEVERET_AMQP_URL" not in for_role(lines, Role.TRACKER)
