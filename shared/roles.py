@@ -136,6 +136,18 @@ def broker_permissions(namespace: str) -> dict[Role, Permissions]:
     }
 
 
+#: Where a producer may ask for replies: direct reply-to (the broker rewrites
+#: ``amq.rabbitmq.reply-to`` into ``amq.rabbitmq.reply-to.<token>``), or an exclusive
+#: queue named by the broker (``amq.gen-…``) or by aio-pika (``amq_<hex>``). The
+#: scheduler and workers never publish into any other queue on a producer's behalf.
+REPLY_TO_PATTERN = re.compile(r"amq\.rabbitmq\.reply-to(\..+)?|amq\.gen-[\w-]+|amq_[0-9a-f]+")
+
+
+def valid_reply_to(reply_to: str) -> bool:
+    """True when a producer may ask for replies at `reply_to` (see REPLY_TO_PATTERN)."""
+    return REPLY_TO_PATTERN.fullmatch(reply_to) is not None
+
+
 def sender_of(delivery: Any) -> str | None:
     """The verified user who published a delivery (its ``user_id``), if stamped."""
     user = getattr(delivery, "user_id", None)
@@ -166,6 +178,7 @@ class RefusedSenders:
 
 
 __all__ = [
+    "REPLY_TO_PATTERN",
     "SENDERS",
     "Permissions",
     "RefusedSenders",
@@ -174,4 +187,5 @@ __all__ = [
     "amqp_user",
     "broker_permissions",
     "sender_of",
+    "valid_reply_to",
 ]

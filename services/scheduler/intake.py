@@ -60,6 +60,7 @@ from leveret.contracts import (
 )
 from leveret.db import map_db_errors
 from leveret.errors import SubmissionError, UnavailableError
+from leveret.roles import valid_reply_to
 from leveret.scheduler.admission import (
     Admission,
     KindCatalog,
@@ -358,6 +359,8 @@ class Intake:
         reply_to = message.reply_to
         if status != "duplicate" or not reply_to or redelivered(message):
             return
+        if not valid_reply_to(reply_to):
+            return
         work = held.message
         notice = TaskResult(id=work.id, kind=work.kind, pool=work.pool, status="duplicate")
         await send_reply(
@@ -387,6 +390,13 @@ class Intake:
         key: str | None,
     ) -> Submission:
         """The submission of `task`, or a :class:`SubmissionError` saying why not."""
+        if message.reply_to and not valid_reply_to(message.reply_to):
+            raise SubmissionError(
+                "invalid_reply_to",
+                f"reply_to {message.reply_to[:100]!r} is not direct reply-to nor a "
+                "server- or client-named exclusive queue (see docs/security.md)",
+                400,
+            )
         with _total(message):
             pool = message.routing_key or None
             work = envelope(
@@ -446,7 +456,7 @@ class Intake:
                 Outgoing(self.declared.exchange(topo.dead_exchange), RK_REJECTED, dead_copy),
             ]
         )
-        if message.reply_to:
+        if message.reply_to and valid_reply_to(message.reply_to):
             await send_reply(
                 self.declared.channel,
                 message.reply_to,

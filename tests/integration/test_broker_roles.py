@@ -169,3 +169,26 @@ async def test_forged_result_and_cancel_from_a_producer_are_not_acted_on(
     finally:
         await producer.close()
         await api.close()
+
+
+async def test_a_submission_with_a_foreign_reply_to_is_rejected_and_nothing_lands_there(
+    cluster: Cluster,
+) -> None:
+    cluster.start_scheduler()
+    cluster.start_tracker()
+    api = TrackerApi(cluster.tracker_url)
+    connection = await aio_pika.connect(cluster.amqp_url)
+    try:
+        channel = await connection.channel()
+        victim = await channel.declare_queue(f"{cluster.namespace}-victim", auto_delete=True)
+        submit = await channel.get_exchange(Topology(cluster.namespace).submit_exchange)
+        body = b'{"kind": "echo", "id": "reply-elsewhere"}'
+        await submit.publish(aio_pika.Message(body, reply_to=victim.name), "default")
+        refused = await api.reach("reply-elsewhere", "rejected")
+        assert refused["error"]["type"] == "invalid_reply_to"
+        assert (
+            await channel.declare_queue(victim.name, passive=True)
+        ).declaration_result.message_count == 0
+    finally:
+        await connection.close()
+        await api.close()
