@@ -37,15 +37,35 @@ DOCKERIGNORE = ROOT / ".dockerignore"
 # The `leveret` subcommands and the flags a deployment may give them. Written out
 # rather than read from leveret.cli, which this test must not import.
 SUBCOMMANDS: dict[str, set[str]] = {
-    "scheduler": {"--port", "--host", "--insecure"},
-    "tracker": {"--port", "--host", "--insecure"},
-    "worker": {"--concurrency", "--pool", "--handlers", "--shell"},
+    "scheduler": {"--port", "--host", "--insecure", "--env-file"},
+    "tracker": {"--port", "--host", "--insecure", "--env-file"},
+    "worker": {"--concurrency", "--pool", "--handlers", "--shell", "--env-file"},
+    "broker-setup": {
+        "--admin-url",
+        "--vhost",
+        "--env-file",
+        "--amqp-url",
+        "--namespace",
+        "--rotate",
+        "--no-fencer",
+    },
     "submit": {"--wait"},
     "status": set(),
     "demo": set(),
     "bench": set(),
 }
-VALUE_FLAGS = {"--port", "--host", "--concurrency", "--pool", "--handlers"}
+VALUE_FLAGS = {
+    "--port",
+    "--host",
+    "--concurrency",
+    "--pool",
+    "--handlers",
+    "--env-file",
+    "--admin-url",
+    "--vhost",
+    "--amqp-url",
+    "--namespace",
+}
 SETTINGS = {
     "LEVERET_AMQP_URL",
     "LEVERET_DATABASE_URL",
@@ -61,7 +81,7 @@ SETTINGS = {
 }
 # service -> the HTTP port it serves (None: no HTTP API)
 LEVERET_SERVICES: dict[str, int | None] = {"scheduler": 8080, "tracker": 8081, "worker": None}
-AMQP_URL = "amqp://guest:guest@rabbitmq:5672/"
+ROLE_ENV_FILE = "/secrets/roles.env"
 
 
 # --- compose helpers ---------------------------------------------------------------
@@ -107,6 +127,11 @@ def _container_ports(service: dict[str, Any]) -> list[int]:
     return ports
 
 
+def _interpolated(value: str) -> str:
+    """`value` with each ${VAR…} interpolation replaced by a plain word."""
+    return re.sub(r"\$\{[^}]*\}", "secret", value)
+
+
 def _duration_s(value: str) -> float:
     """A compose duration such as "30s", "1m30s" or "1500ms"."""
     units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001, "us": 1e-6}
@@ -119,9 +144,9 @@ def _duration_s(value: str) -> float:
 
 
 def test_compose_has_every_service(services: dict[str, dict[str, Any]]) -> None:
-    assert {"rabbitmq", *LEVERET_SERVICES} <= services.keys()
+    assert {"rabbitmq", "broker-setup", *LEVERET_SERVICES} <= services.keys()
     for name, service in services.items():
-        if name not in {"rabbitmq", *LEVERET_SERVICES}:
+        if name not in {"rabbitmq", "broker-setup", *LEVERET_SERVICES}:
             assert service.get("profiles"), f"optional service {name} must sit behind a profile"
 
 
@@ -133,6 +158,35 @@ def test_rabbitmq_has_management_and_a_healthcheck(services: dict[str, dict[str,
     assert test[0] in {"CMD", "CMD-SHELL"}
     assert " ".join(test[1:]) == "rabbitmq-diagnostics -q ping"
     assert {5672, 15672} <= set(_container_ports(rabbitmq))
+
+
+def test_the_broker_has_no_guest_and_is_published_on_loopback_only(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    rabbitmq = services["rabbitmq"]
+    env = _environment(rabbitmq)
+    assert env["RABBITMQ_DEFAULT_USER"] not in {"", "guest"}
+    assert env["RABBITMQ_DEFAULT_PASS"].startswith("${LEVERET_BROKER_ADMIN_PASSWORD:?")
+    for entry in rabbitmq["ports"]:
+        assert str(entry).startswith("127.0.0.1:"), f"{entry} is published beyond loopback"
+    assert "guest" not in json.dumps(services), "no service may use guest"
+
+
+def test_broker_setup_makes_the_role_users_before_the_services_start(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    setup = services["broker-setup"]
+    command = _command(setup)
+    assert command[0] == "broker-setup"
+    admin = urlsplit(_interpolated(command[command.index("--admin-url") + 1]))
+    assert (admin.hostname, admin.port, admin.username) == ("rabbitmq", 15672, "leveret-admin")
+    assert command[command.index("--env-file") + 1] == ROLE_ENV_FILE
+    assert setup["depends_on"]["rabbitmq"]["condition"] == "service_healthy"
+    assert setup.get("restart") == "no"
+    assert setup["image"] == services["scheduler"]["image"]
+    for name in LEVERET_SERVICES:
+        spec = services[name]["depends_on"]["broker-setup"]
+        assert spec["condition"] == "service_completed_successfully"
 
 
 @pytest.mark.parametrize("name", sorted(LEVERET_SERVICES))
@@ -157,8 +211,10 @@ def test_command_is_a_leveret_subcommand(services: dict[str, dict[str, Any]], na
 def test_environment_uses_leveret_settings(services: dict[str, dict[str, Any]], name: str) -> None:
     env = _environment(services[name])
     assert set(env) <= SETTINGS, f"{name}: unknown settings {sorted(set(env) - SETTINGS)}"
-    assert env["LEVERET_AMQP_URL"] == AMQP_URL
-    assert urlsplit(env["LEVERET_AMQP_URL"]).hostname in services
+    assert "LEVERET_AMQP_URL" not in env, "its role's URL comes from the role env file"
+    command = _command(services[name])
+    assert command[command.index("--env-file") + 1] == ROLE_ENV_FILE
+    assert "broker-secrets:/secrets:ro" in services[name]["volumes"]
     assert env["LEVERET_LOG_JSON"] == "1"
 
 
@@ -220,12 +276,15 @@ def test_apis_listen_on_the_container_network_with_tokens(
     assert tokens.startswith("${LEVERET_API_TOKENS:?"), "compose must refuse to start without"
 
 
-def test_tracker_can_reach_the_management_api(services: dict[str, dict[str, Any]]) -> None:
-    url = urlsplit(_environment(services["tracker"])["LEVERET_MANAGEMENT_URL"])
-    assert url.scheme == "http"
-    assert url.hostname == "rabbitmq"
-    assert url.port == 15672
-    assert url.username and url.password
+def test_tracker_gets_its_management_url_from_broker_setup(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    # broker-setup writes LEVERET_TRACKER_MANAGEMENT_URL (the fencer user) at the
+    # management API it was given; nothing in compose hands it guest credentials.
+    assert "LEVERET_MANAGEMENT_URL" not in _environment(services["tracker"])
+    command = _command(services["broker-setup"])
+    assert "--no-fencer" not in command
+    assert urlsplit(_interpolated(command[command.index("--admin-url") + 1])).port == 15672
 
 
 def test_stateful_services_keep_data_in_named_volumes(compose: dict[str, Any]) -> None:
