@@ -283,6 +283,10 @@ async def fetch(
     url: str, policy: HttpPolicy, timeout_s: float, *, resolver: Resolver = resolve
 ) -> dict[str, JsonValue]:
     """GET `url` under `policy` within `timeout_s`: its final status, body size and URL."""
+    try:
+        start_url = httpx.URL(url)
+    except httpx.InvalidURL as exc:  # the same URL would fail every attempt
+        raise TaskFailed(f"not a valid URL: {url!r}: {exc}", "bad_payload") from exc
     started = time.perf_counter()
     backend = GuardedBackend(policy.allow, resolver)
     scope = asyncio.timeout(timeout_s)
@@ -293,7 +297,7 @@ async def fetch(
                 ssl_context=_ssl_context(), network_backend=backend
             ) as pool,
         ):
-            status, size, final = await _follow(pool, httpx.URL(url), policy)
+            status, size, final = await _follow(pool, start_url, policy)
     except TimeoutError as exc:
         if not scope.expired():
             raise TaskFailed(

@@ -15,9 +15,11 @@ from pydantic import ValidationError
 from leveret.builtin_http import (
     Allow,
     GuardedBackend,
+    HttpPolicy,
     IPAddress,
     checked_addresses,
     deadline_s,
+    fetch,
     parse_allow,
     parse_payload,
     refusal,
@@ -171,6 +173,13 @@ def test_payloads_and_the_deadline() -> None:
     assert deadline_s(None, 1.0) == pytest.approx(0.9)
     assert deadline_s(3.0, 10.0) == 3.0
     assert deadline_s(60.0, 10.0) == pytest.approx(9.75)  # the payload cannot exceed the task
+
+
+async def test_an_unparsable_url_is_a_bad_payload_not_retried() -> None:
+    policy = HttpPolicy()
+    with pytest.raises(TaskFailed) as caught:
+        await fetch("http://[::1", policy, 1.0)
+    assert caught.value.type == "bad_payload"
 
 
 def test_a_commands_environment_is_path_and_what_is_named() -> None:
