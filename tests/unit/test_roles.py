@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
+import pytest
+
 from leveret.roles import RoleUsers, amqp_user
 
 
@@ -37,3 +42,33 @@ def test_a_role_line_of_the_env_file_is_that_roles_setting() -> None:
     assert env["LEVERET_AMQP_URL"] == "amqp://w"
     assert env["LEVERET_WORKER_USERS"] == "w"  # applies as written to every role
     assert "LEVERET_AMQP_URL" not in for_role(lines, Role.TRACKER)
+
+
+def test_a_worker_started_with_the_env_file_holds_no_other_roles_secret(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from leveret.envfile import apply_env_file
+    from leveret.roles import Role
+
+    roles_env = tmp_path / "roles.env"
+    roles_env.write_text(
+        "LEVERET_WORKER_AMQP_URL=amqp://leveret-worker:w@h/v\n"
+        "LEVERET_TRACKER_AMQP_URL=amqp://leveret-tracker:t@h/v\n"
+        "LEVERET_TRACKER_MANAGEMENT_URL=http://leveret-fencer:f@h:15672\n"
+        "LEVERET_SCHEDULER_AMQP_URL=amqp://leveret-scheduler:s@h/v\n"
+        "LEVERET_PRODUCER_AMQP_URL=amqp://leveret-producer:p@h/v\n"
+        "LEVERET_WORKER_USERS=leveret-worker\n"
+        "LEVERET_TRACKER_USERS=leveret-tracker\n"
+        "LEVERET_NAMESPACE=ns\n"
+    )
+    for name in list(os.environ):
+        if name.startswith("LEVERET_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # restored after the test
+    apply_env_file(roles_env, Role.WORKER)
+    env = {k: v for k, v in os.environ.items() if k.startswith("LEVERET_")}
+    assert env["LEVERET_AMQP_URL"] == "amqp://leveret-worker:w@h/v"
+    assert env["LEVERET_NAMESPACE"] == "ns"
+    assert env["LEVERET_TRACKER_USERS"] == "leveret-tracker"  # role lists reach everyone
+    secrets = ":t@", ":f@", ":s@", ":p@"
+    assert not [k for k, v in env.items() if any(s in v for s in secrets)], env
