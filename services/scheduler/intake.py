@@ -60,7 +60,7 @@ from leveret.contracts import (
 )
 from leveret.db import map_db_errors
 from leveret.errors import SubmissionError, UnavailableError
-from leveret.roles import valid_reply_to
+from leveret.roles import Role, RoleUsers, sender_of, valid_reply_to
 from leveret.scheduler.admission import (
     Admission,
     KindCatalog,
@@ -92,6 +92,8 @@ _BROKER_HEADER_PREFIXES = ("x-first-death-", "x-last-death-")
 #: redelivery must still find the task).
 FORGET_EVERY_S = 2.0
 FORGET_AFTER_S = 1.0
+#: Who may submit or cancel on the intake: any other verified sender is refused.
+SUBMITTERS = (Role.PRODUCER, Role.SCHEDULER)
 #: Acked keys waiting to be forgotten, at most; beyond it the oldest stay set
 #: (harmless: a key left set costs at most a rare false match).
 FORGET_MAX = 100_000
@@ -126,6 +128,18 @@ def intake_key(message: AbstractIncomingMessage) -> str:
         digest.update(len(data).to_bytes(8, "big"))
         digest.update(data)
     return digest.hexdigest()
+
+
+def may_submit(roles: RoleUsers, user_id: str | None) -> bool:
+    """Whether a submission or cancel from `user_id` (None: not stamped) is acted on:
+    a producer's or the scheduler's (anyone's while either role lists no users)."""
+    allowed: set[str] = set()
+    for role in SUBMITTERS:
+        listed = roles.users.get(role, frozenset())
+        if not listed:
+            return True
+        allowed |= listed
+    return user_id is not None and user_id in allowed
 
 
 def _broker_header(name: str) -> bool:
@@ -276,8 +290,11 @@ class Intake:
         kinds: KindCatalog,
         *,
         max_bytes: int,
+        roles: RoleUsers | None = None,
     ) -> None:
+        """`roles` says who may submit and cancel (default: anyone)."""
         self.admission = admission
+        self.roles = roles or RoleUsers({})
         self.declared = declared
         self.kinds = kinds
         self.max_bytes = max_bytes
@@ -305,6 +322,16 @@ class Intake:
                 self.idle.set()
 
     async def _handle(self, message: AbstractIncomingMessage) -> None:
+        sender = sender_of(message)
+        if not may_submit(self.roles, sender):
+            refusal = SubmissionError(
+                "forbidden",
+                f"user {sender or '(not stamped)'!r} is not a producer nor the scheduler "
+                "(see docs/security.md, Roles on the broker)",
+                403,
+            )
+            await self._refuse_and_ack(message, refusal, fresh_id=True)
+            return
         if message.type == CANCEL_TYPE:
             await self._cancel(message)
             return
@@ -416,18 +443,41 @@ class Intake:
             command = CancelTask.model_validate_json(message.body)
         except ValidationError as exc:
             refusal = SubmissionError("invalid_cancel", f"not a cancellation: {exc}", 400)
-            await _retrying(lambda: self._refuse(message, refusal))
-        else:
-            dispatcher = self.admission.dispatcher
-            answer = await _retrying(
-                lambda: request_cancel(self.admission.store, dispatcher, command)
+            await self._refuse_and_ack(message, refusal, fresh_id=True)
+            return
+        store = self.admission.store
+        owner = await _retrying(lambda: store.owner_of(command.id))
+        if owner is not None:  # submitted with an API token: only its owner cancels, on HTTP
+            logger.bind(task_id=command.id).warning(
+                "cancel of {} from {!r} over AMQP refused: the task has an owner",
+                command.id,
+                sender_of(message) or "(not stamped)",
             )
-            logger.bind(task_id=command.id).info("cancel request for {}: {}", command.id, answer)
+            refusal = SubmissionError(
+                "not_owner",
+                f"task {command.id} was submitted with an API token: cancel it over HTTP",
+                403,
+            )
+            await self._refuse_and_ack(message, refusal, fresh_id=True)
+            return
+        dispatcher = self.admission.dispatcher
+        answer = await _retrying(lambda: request_cancel(store, dispatcher, command))
+        logger.bind(task_id=command.id).info("cancel request for {}: {}", command.id, answer)
         await message.ack()
 
-    async def _refuse(self, message: AbstractIncomingMessage, err: SubmissionError) -> None:
+    async def _refuse_and_ack(
+        self, message: AbstractIncomingMessage, err: SubmissionError, *, fresh_id: bool
+    ) -> None:
+        """Refuse `message` (a new id for its `rejected` result with `fresh_id`: a refused
+        cancel or sender must never end the task it names), then ack it."""
+        await _retrying(lambda: self._refuse(message, err, fresh_id=fresh_id))
+        await message.ack()
+
+    async def _refuse(
+        self, message: AbstractIncomingMessage, err: SubmissionError, *, fresh_id: bool = False
+    ) -> None:
         guess = _guess_fields(message)
-        task_id = guess["id"] or new_task_id()
+        task_id = (None if fresh_id else guess["id"]) or new_task_id()
         result = TaskResult(
             id=task_id,
             kind=guess["kind"] or "_",

@@ -69,7 +69,9 @@ async def run(
         await admission.recover()
         await resolver.recover()
         outcomes = Outcomes(store, resolver, settings.topology, roles=settings.roles)
-        intake = Intake(admission, declared, kinds, max_bytes=settings.max_payload_bytes)
+        intake = Intake(
+            admission, declared, kinds, max_bytes=settings.max_payload_bytes, roles=settings.roles
+        )
         limiter = RateLimiter(settings.http_rate_per_s, settings.http_burst)
         app = create_app(
             admission,
@@ -77,6 +79,7 @@ async def run(
             max_bytes=settings.max_payload_bytes,
             limiter=limiter,
             body_budget_bytes=settings.http_body_budget_bytes,
+            body_timeout_s=settings.http_body_timeout_s,
             access=access,
         )
         server = http_server(

@@ -192,3 +192,64 @@ async def test_a_submission_with_a_foreign_reply_to_is_rejected_and_nothing_land
     finally:
         await connection.close()
         await api.close()
+
+
+async def _rejected_reasons(amqp_url: str, queue: str, count: int) -> list[str]:
+    """The `x-leveret-error-type` of the first `count` messages set aside in `queue`."""
+    connection = await aio_pika.connect(amqp_url)
+    try:
+        channel = await connection.channel()
+        rejected = await channel.declare_queue(queue, passive=True)
+        reasons = []
+        for _ in range(count):
+            message = await rejected.get(no_ack=True)
+            reasons.append(str(message.headers.get("x-leveret-error-type")))
+        return reasons
+    finally:
+        await connection.close()
+
+
+async def test_a_worker_cannot_submit_and_a_producer_cannot_cancel_an_owned_task(
+    users: Users, cluster: Cluster
+) -> None:
+    urls = {role: users.add(role) for role in ("scheduler", "worker", "producer")}
+    names = {role: urlsplit(url).username or "" for role, url in urls.items()}
+    for role, name in names.items():
+        cluster.extra_env[f"LEVERET_{role.upper()}_USERS"] = name
+    cluster.extra_env["LEVERET_POOLS"] = "default,idle"
+    cluster.extra_env["LEVERET_API_TOKENS"] = "alice-token-0123456789:submit,cancel"
+    cluster.extra_env["LEVERET_AMQP_URL"] = urls["scheduler"]
+    cluster.start_scheduler()
+    topology = Topology(cluster.namespace)
+    alice = {"Authorization": "Bearer alice-token-0123456789"}
+    worker = await aio_pika.connect(urls["worker"])
+    producer = await aio_pika.connect(urls["producer"])
+    try:
+        async with httpx.AsyncClient(base_url=cluster.scheduler_url) as http:
+            task = {"kind": "echo", "payload": "alice's", "pool": "idle"}
+            r = await http.post("/tasks", json=task, headers=alice)
+            assert r.status_code == 202, r.text
+            owned = r.json()["id"]
+            body = b'{"kind": "echo", "id": "from-worker"}'
+            forged = aio_pika.Message(body, user_id=names["worker"])
+            await (await worker.channel()).default_exchange.publish(forged, topology.intake.name)
+            cancel = CancelTask(id=owned, reason="not yours").model_dump_json().encode()
+            submit = await (await producer.channel()).get_exchange(topology.submit_exchange)
+            command = aio_pika.Message(cancel, type="task.cancel", user_id=names["producer"])
+            await submit.publish(command, "default")
+
+            async def set_aside() -> bool:
+                return await ready_messages(cluster.amqp_url, topology.rejected.name) >= 2
+
+            await eventually(set_aside, 15, "both refusals in the rejected queue")
+            reasons = await _rejected_reasons(cluster.amqp_url, topology.rejected.name, 2)
+            assert sorted(reasons) == ["forbidden", "not_owner"]
+            again = await http.post(
+                "/tasks", json={"kind": "echo", "id": "from-worker"}, headers=alice
+            )
+            assert again.status_code == 202, "the worker's submission was admitted"
+            mine = await http.delete(f"/tasks/{owned}", headers=alice)
+            assert mine.json()["status"] == "cancelling", "the forged cancel ended the task"
+    finally:
+        await worker.close()
+        await producer.close()

@@ -16,6 +16,7 @@ from pamqp.header import ContentHeader
 
 from leveret.contracts import SubmitTask
 from leveret.errors import SubmissionError
+from leveret.roles import RoleUsers
 from leveret.scheduler.admission import (
     KindCatalog,
     check_payload_size,
@@ -23,7 +24,13 @@ from leveret.scheduler.admission import (
     envelope,
     parse_body,
 )
-from leveret.scheduler.intake import FORGET_AFTER_S, IntakeKeys, intake_key, redelivered
+from leveret.scheduler.intake import (
+    FORGET_AFTER_S,
+    IntakeKeys,
+    intake_key,
+    may_submit,
+    redelivered,
+)
 
 
 @pytest.mark.parametrize(
@@ -299,3 +306,13 @@ async def test_forgetting_never_fails_and_is_bounded(monkeypatch: pytest.MonkeyP
     for n in range(5):
         keys.done(f"x{n}", delivery(), acked=True)
     assert (keys.pending, keys.left_set) == (3, 3)
+
+
+def test_only_producers_and_the_scheduler_may_submit_once_roles_are_listed() -> None:
+    assert may_submit(RoleUsers({}), None), "quick start: anyone"
+    assert may_submit(RoleUsers.of(worker=["w"]), "w"), "no producer listed: anyone"
+    roles = RoleUsers.of(producer=["p"], scheduler=["s"], worker=["w"])
+    assert may_submit(roles, "p")
+    assert may_submit(roles, "s")
+    assert not may_submit(roles, "w")
+    assert not may_submit(roles, None)
