@@ -188,6 +188,11 @@ class SchedulerSettings(ApiSettings):
         description="Bytes of HTTP request bodies held at once, all requests together; "
         "a request past it is answered 503 `busy` with Retry-After, unread.",
     )
+    http_body_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="Seconds a request body may take to arrive whole; past it 408.",
+    )
     batch_max: int = Field(default=256, ge=1)
     batch_wait_ms: float = Field(default=2.0, ge=0)
     kinds: Annotated[list[str], NoDecode] = Field(

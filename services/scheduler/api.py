@@ -6,7 +6,8 @@ Bad input gets a 4xx whose ``detail`` says what is wrong:
 before the body is read, or as soon as a chunked body passes the limit; too many
 dependency edges), 422 (schema, out of bounds, unknown kind, unknown pool, one
 requirement set too many, unsupported field, unknown parent, dependency cycle,
-unprocessable); 503 + Retry-After when the broker or store cannot
+unprocessable); 408 (``body_timeout``: the body did not arrive whole within
+``LEVERET_HTTP_BODY_TIMEOUT_S``); 503 + Retry-After when the broker or store cannot
 take it now (any :class:`UnavailableError`), or when the bodies the API holds at once
 would pass their budget (`busy`). Never a 500. A 202 for a held task
 (status `delayed` or `blocked`) means it is durably in the scheduler's store.
@@ -17,6 +18,7 @@ task; a body that is not ``application/json`` is a 415.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import math
@@ -60,32 +62,52 @@ MIN_RESERVATION = 64 * 1024
 
 class BodyBudget:
     """The bytes of request bodies the API holds at once, all requests together, at most
-    `limit`. A request reserves its declared length (without one, the most it may send)
-    before a byte is read; one that does not fit is answered 503 ``busy`` with
-    ``Retry-After``, unread. A request alone always fits."""
+    `limit`. A request with a ``Content-Length`` reserves it before a byte is read; one
+    without (chunked) reserves as its bytes arrive, so a slow client holds only what it
+    sent. A request that does not fit, at first or while its body grows, is answered
+    503 ``busy`` with ``Retry-After``. A request alone always fits."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.used = 0
 
     @contextlib.contextmanager
-    def hold(self, request: Request, most: int) -> Iterator[None]:
+    def hold(self, request: Request, most: int) -> Iterator[Reservation]:
         """Reserve room for `request`'s body for the time of the block."""
         declared = request.headers.get("content-length", "")
-        size = int(declared) if declared.isdigit() and int(declared) <= most else most
-        need = min(max(size, MIN_RESERVATION), self.limit)
-        if self.used and self.used + need > self.limit:
+        reservation = Reservation(self)
+        # A declared length over `most` is refused unread: it needs no more than the least.
+        reservation.grow(int(declared) if declared.isdigit() and int(declared) <= most else 0)
+        try:
+            yield reservation
+        finally:
+            self.used -= reservation.held
+
+
+class Reservation:
+    """One request's share of a :class:`BodyBudget`."""
+
+    def __init__(self, budget: BodyBudget) -> None:
+        self.budget = budget
+        self.held = 0
+
+    def grow(self, size: int) -> None:
+        """Hold room for `size` bytes (at least `MIN_RESERVATION`, at most the whole
+        budget); 503 ``busy`` when the other requests leave too little."""
+        budget = self.budget
+        need = min(max(size, MIN_RESERVATION), budget.limit)
+        if need <= self.held:
+            return
+        others = budget.used - self.held
+        if others and others + need > budget.limit:
             raise SubmissionError(
                 "busy",
-                f"the scheduler holds {self.used} bytes of submissions (the limit is "
-                f"{self.limit}); retry shortly",
+                f"the scheduler holds {budget.used} bytes of submissions (the limit is "
+                f"{budget.limit}); retry shortly",
                 503,
             )
-        self.used += need
-        try:
-            yield
-        finally:
-            self.used -= need
+        budget.used += need - self.held
+        self.held = need
 
 
 def _error(err: SubmissionError, index: int | None = None) -> JSONResponse:
@@ -110,9 +132,16 @@ async def _unavailable_handler(_request: Request, exc: Exception) -> JSONRespons
     return _unavailable(exc)
 
 
-async def read_body(request: Request, limit: int, what: str = "submission") -> bytes:
+async def read_body(
+    request: Request,
+    limit: int,
+    reservation: Reservation,
+    timeout_s: float,
+    what: str = "submission",
+) -> bytes:
     """The request body, refused (413) by its ``Content-Length`` before any of it is
-    read, or, without one (chunked), as soon as what has arrived passes `limit`."""
+    read, or, without one (chunked), as soon as what has arrived passes `limit`.
+    `reservation` grows with what arrives; a body not whole within `timeout_s` is a 408."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise SubmissionError(
@@ -120,15 +149,21 @@ async def read_body(request: Request, limit: int, what: str = "submission") -> b
         )
     body = bytearray()
     try:
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise SubmissionError(
-                    "payload_too_large", f"{what} is over {limit} bytes, the limit", 413
-                )
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limit:
+                    raise SubmissionError(
+                        "payload_too_large", f"{what} is over {limit} bytes, the limit", 413
+                    )
+                reservation.grow(len(body))
     except ClientDisconnect as exc:
         raise SubmissionError(
             "incomplete_body", "the client left before its body ended", 400
+        ) from exc
+    except TimeoutError as exc:
+        raise SubmissionError(
+            "body_timeout", f"the {what} body did not arrive whole within {timeout_s:g} s", 408
         ) from exc
     return bytes(body)
 
@@ -159,12 +194,14 @@ class _Routes:
         max_bytes: int,
         limiter: RateLimiter,
         budget: BodyBudget,
+        body_timeout_s: float,
     ) -> None:
         self.admission = admission
         self.kinds = kinds
         self.max_bytes = max_bytes
         self.limiter = limiter
         self.budget = budget
+        self.body_timeout_s = body_timeout_s
 
     def _throttle(self, request: Request, tasks: int) -> JSONResponse | None:
         """429 with Retry-After when this client is over its submission rate."""
@@ -191,14 +228,15 @@ class _Routes:
     async def submit(self, request: Request) -> JSONResponse:
         """Submit one task. 202 when accepted; 200 with status `duplicate` for a known id."""
         try:
-            with self.budget.hold(request, self.max_bytes):
-                return await self._submit(request)
+            with self.budget.hold(request, self.max_bytes) as reservation:
+                return await self._submit(request, reservation)
         except SubmissionError as err:
             return _error(err)
 
-    async def _submit(self, request: Request) -> JSONResponse:
+    async def _submit(self, request: Request, reservation: Reservation) -> JSONResponse:
         try:
-            task = _decode(await read_body(request, self.max_bytes), self.max_bytes)
+            body = await read_body(request, self.max_bytes, reservation, self.body_timeout_s)
+            task = _decode(body, self.max_bytes)
             check_supported(task, self.kinds)
             work = _owned(submission(task, envelope(task)), request)
             check_graph([work])
@@ -215,14 +253,15 @@ class _Routes:
     async def submit_batch(self, request: Request) -> JSONResponse:
         """Submit many tasks at once (all or none are accepted): ``{"tasks": [...]}``."""
         try:
-            with self.budget.hold(request, self.max_bytes * BATCH_BODY_FACTOR):
-                return await self._submit_batch(request)
+            with self.budget.hold(request, self.max_bytes * BATCH_BODY_FACTOR) as reservation:
+                return await self._submit_batch(request, reservation)
         except SubmissionError as err:
             return _error(err)
 
-    async def _submit_batch(self, request: Request) -> JSONResponse:
+    async def _submit_batch(self, request: Request, reservation: Reservation) -> JSONResponse:
+        most = self.max_bytes * BATCH_BODY_FACTOR
         try:
-            body = await read_body(request, self.max_bytes * BATCH_BODY_FACTOR, "batch")
+            body = await read_body(request, most, reservation, self.body_timeout_s, "batch")
             works = [_owned(work, request) for work in self._batch(body)]
         except SubmissionError as err:
             return _error(err, getattr(err, "index", None))
@@ -306,6 +345,7 @@ def create_app(
     max_bytes: int,
     limiter: RateLimiter | None = None,
     body_budget_bytes: int = 256 * 1024 * 1024,
+    body_timeout_s: float = 30.0,
     access: Access | None = None,
 ) -> FastAPI:
     """The scheduler's FastAPI app (no module-level app object); `access`: who may call
@@ -320,8 +360,9 @@ def create_app(
         version=__version__,
         description="Submit tasks. Results: the tracker API or the leveret.results exchange.",
     )
+    limiter = limiter or RateLimiter(0, 1)
     routes = _Routes(
-        admission, kinds, max_bytes, limiter or RateLimiter(0, 1), BodyBudget(body_budget_bytes)
+        admission, kinds, max_bytes, limiter, BodyBudget(body_budget_bytes), body_timeout_s
     )
     app.post(
         "/tasks",

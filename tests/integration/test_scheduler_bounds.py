@@ -5,8 +5,10 @@ cancellation the store refuses for good is answered clearly, not with a 500."""
 
 from __future__ import annotations
 
+import json
 import socket
 import sqlite3
+import time
 from typing import Any
 
 import aio_pika
@@ -22,6 +24,7 @@ pytestmark = pytest.mark.broker
 
 MAX_SETS = 2
 MAX_BYTES = 1000
+JSON = {"content-type": "application/json"}
 
 
 async def queue_exists(url: str, name: str) -> bool:
@@ -104,13 +107,18 @@ def raw_request(port: int, head: str, body: bytes = b"") -> bytes:
     within a few seconds, without ever finishing the body."""
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
         sock.sendall(head.encode() + b"\r\n\r\n" + body)
-        answer = b""
-        while not _whole(answer):
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            answer += chunk
-        return answer
+        return read_answer(sock)
+
+
+def read_answer(sock: socket.socket) -> bytes:
+    """What the server answers on `sock`, up to the end of one response."""
+    answer = b""
+    while not _whole(answer):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        answer += chunk
+    return answer
 
 
 def _whole(answer: bytes) -> bool:
@@ -225,3 +233,41 @@ async def test_the_store_remembers_pools_and_requirement_sets(database_url: str)
         assert await store.known_requirement_sets() == {"default.req.a", "gpu.req.a+b"}
     finally:
         await store.close()
+
+
+async def test_a_stalled_body_times_out_and_holds_only_what_it_sent(cluster: Cluster) -> None:
+    """Chunked bodies reserve the budget as their bytes arrive, so two stalled batches do
+    not keep a third request out; each is answered 408 `body_timeout` at its deadline,
+    and what they held is free again."""
+    cluster.extra_env["LEVERET_MAX_PAYLOAD_BYTES"] = str(100_000)
+    cluster.extra_env["LEVERET_HTTP_BODY_BUDGET_BYTES"] = str(200_000)
+    cluster.extra_env["LEVERET_HTTP_BODY_TIMEOUT_S"] = "1"
+    cluster.start_scheduler()
+    head = (
+        "POST /tasks/batch HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        "Transfer-Encoding: chunked\r\n\r\n"
+    )
+    start = b'{"tasks": ['
+    stalled = [socket.create_connection(("127.0.0.1", cluster.scheduler_port), timeout=10)]
+    stalled.append(socket.create_connection(("127.0.0.1", cluster.scheduler_port), timeout=10))
+    began = time.monotonic()
+    for sock in stalled:
+        sock.sendall(head.encode() + f"{len(start):x}\r\n".encode() + start + b"\r\n")
+    # The stalled pair holds 2 x 64 KiB: a request declaring 90 000 bytes does not fit, a
+    # small one does (each chunked batch reserved its 6.4 MB limit before).
+    big = json.dumps({"kind": "echo", "payload": "x" * 89_900})
+    try:
+        async with httpx.AsyncClient(base_url=cluster.scheduler_url, timeout=10) as http:
+            small = await http.post("/tasks", json={"kind": "echo"})
+            assert small.status_code == 202, small.text
+            r = await http.post("/tasks", content=big, headers=JSON)
+            assert (r.status_code, r.json()["detail"]["error"]) == (503, "busy"), r.text
+            for sock in stalled:
+                answer = read_answer(sock)
+                assert status_of(answer) == 408 and b"body_timeout" in answer, answer
+            assert time.monotonic() - began < 5
+            r = await http.post("/tasks", content=big, headers=JSON)
+            assert r.status_code == 202, r.text
+    finally:
+        for sock in stalled:
+            sock.close()
