@@ -57,6 +57,7 @@ from leveret.contracts import (
     TaskError,
     TaskResult,
     new_task_id,
+    utcnow,
 )
 from leveret.db import map_db_errors
 from leveret.errors import SubmissionError, UnavailableError
@@ -73,7 +74,7 @@ from leveret.scheduler.admission import (
     unprocessable,
 )
 from leveret.scheduler.cancel import request_cancel
-from leveret.scheduler.store import Submission, SubmissionStore
+from leveret.scheduler.store import INTAKE_KEY_MAX_AGE, Submission, SubmissionStore
 from leveret.topology import RK_REJECTED, DeclaredTopology, result_routing_key
 
 _ID = re.compile(ID_PATTERN)
@@ -97,6 +98,10 @@ SUBMITTERS = (Role.PRODUCER, Role.SCHEDULER)
 #: Acked keys waiting to be forgotten, at most; beyond it the oldest stay set
 #: (harmless: a key left set costs at most a rare false match).
 FORGET_MAX = 100_000
+#: How often keys older than INTAKE_KEY_MAX_AGE are cleared, the first time this long
+#: after start (a crash's unacked deliveries come back first: they are at the head of
+#: the queue).
+CLEAR_STALE_EVERY_S = 600.0
 
 
 def intake_key(message: AbstractIncomingMessage) -> str:
@@ -273,11 +278,30 @@ class IntakeKeys:
             return 0
         return len(done)
 
+    async def clear_stale(self) -> int:
+        """Clear the keys set over :data:`INTAKE_KEY_MAX_AGE` ago (left by a failed forget,
+        a crash between ack and forget, or the FORGET_MAX bound), but those of deliveries
+        being admitted; return how many. A store error only logs."""
+        admitting = [t for t, holder in self._holders.items() if holder.message is not None]
+        try:
+            cleared = await self.store.clear_stale_intake(utcnow() - INTAKE_KEY_MAX_AGE, admitting)
+        except Exception as exc:  # harmless: tried again later
+            logger.warning("stale intake keys not cleared: {}", exc)
+            return 0
+        if cleared:
+            logger.info("cleared {} stale intake key(s)", cleared)
+        return cleared
+
     async def run(self) -> None:
-        """Forever, every :data:`FORGET_EVERY_S`, forget the keys of settled acks."""
+        """Forever, every :data:`FORGET_EVERY_S`, forget the keys of settled acks; every
+        :data:`CLEAR_STALE_EVERY_S`, clear stale keys."""
+        next_clear = self.clock() + CLEAR_STALE_EVERY_S
         while True:
             await asyncio.sleep(FORGET_EVERY_S)
             await self.forget()
+            if self.clock() >= next_clear:
+                await self.clear_stale()
+                next_clear = self.clock() + CLEAR_STALE_EVERY_S
 
 
 class Intake:

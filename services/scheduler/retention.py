@@ -21,7 +21,12 @@ from datetime import datetime, timedelta
 from loguru import logger
 
 from leveret.contracts import utcnow
-from leveret.scheduler.store import PURGE_BATCH, PurgeCursor, SubmissionStore
+from leveret.scheduler.store import (
+    INTAKE_KEY_MAX_AGE,
+    PURGE_BATCH,
+    PurgeCursor,
+    SubmissionStore,
+)
 
 #: The longest pause between two purges (a short retention purges more often).
 PURGE_EVERY_S = 60.0
@@ -54,13 +59,15 @@ class Purger:
 
     async def purge(self) -> int:
         """Purge every row due now, batch by batch; return how many."""
-        cutoff = self.clock() - self.retention
+        now = self.clock()
+        cutoff = now - self.retention
+        keys_before = min(cutoff, now - INTAKE_KEY_MAX_AGE)  # an intake key is stale by then
         started = time.monotonic()
         total = 0
         after: PurgeCursor | None = None
         while True:
             batch_started = time.monotonic()
-            done, after = await self.store.purge(cutoff, self.batch, after)
+            done, after = await self.store.purge(cutoff, self.batch, after, keys_before=keys_before)
             total += done
             self.purged += done
             if after is None:

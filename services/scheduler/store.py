@@ -22,7 +22,8 @@ exchange: the first terminal one counts, with the time it was recorded (`ended_a
 
 Retention (:meth:`SubmissionStore.purge`): a row whose task ended longer ago than
 ``LEVERET_RETENTION`` is deleted, with its edges, once nothing needs it: it is
-`dispatched` or `ended`, its intake key is forgotten, and every task waiting for it
+`dispatched` or `ended`, its intake key is forgotten (or stale: its task ended
+over :data:`INTAKE_KEY_MAX_AGE` ago), and every task waiting for it
 is `dispatched` or `ended` too. Its id is then unknown: submitted again, it is a new
 task; named in `depends_on`, an unknown parent. A blocked task whose parent was
 purged between admission's lookup and its claim finds the parent gone
@@ -34,7 +35,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection, bindparam, delete, func, inspect, select, tuple_, update
@@ -65,6 +66,11 @@ _IN_CHUNK = 500
 #: Rows one purge transaction examines (and deletes) at most: short, so writers never
 #: wait long.
 PURGE_BATCH = 500
+#: An intake key this old is stale: a crash's unacked delivery comes back as soon as a
+#: scheduler consumes again, so a key still set (a failed forget, a crash between ack
+#: and forget, more acks than FORGET_MAX) no longer keeps its row from the purge, and
+#: is cleared.
+INTAKE_KEY_MAX_AGE = timedelta(hours=1)
 
 
 @dataclass(frozen=True)
@@ -272,6 +278,20 @@ class SubmissionStore:
                     .where(submissions.c.id.in_(part), submissions.c.intake_key.is_not(None))
                     .values(intake_key=None)
                 )
+
+    async def clear_stale_intake(self, before: datetime, keep: Iterable[str] = ()) -> int:
+        """Clear the intake keys of rows created before `before`, but `keep` (deliveries
+        still being admitted); return how many."""
+        query = (
+            update(submissions)
+            .where(submissions.c.intake_key.is_not(None), submissions.c.created_at < before)
+            .values(intake_key=None)
+        )
+        kept = sorted(set(keep))
+        if kept:
+            query = query.where(submissions.c.id.not_in(kept))
+        async with self.engine.begin() as conn:
+            return (await conn.execute(query)).rowcount
 
     async def mark(self, ids: Iterable[str], state: str) -> None:
         """Move these rows to `state` (dispatched once confirmed; ended once published)."""
@@ -526,12 +546,19 @@ class SubmissionStore:
     # retention
 
     async def purge(
-        self, cutoff: datetime, limit: int = PURGE_BATCH, after: PurgeCursor | None = None
+        self,
+        cutoff: datetime,
+        limit: int = PURGE_BATCH,
+        after: PurgeCursor | None = None,
+        *,
+        keys_before: datetime | None = None,
     ) -> tuple[int, PurgeCursor | None]:
         """Examine the next `limit` rows, after `after`, of tasks that ended before `cutoff`,
         oldest first, and delete those nothing needs any more (see the module docstring),
         with their edges, in ONE short transaction. Return how many were deleted, and
         where to go on (None once every row that ended before `cutoff` was examined).
+        A row whose intake key is still set goes only if it ended before `keys_before`
+        (default: never), the key then being stale (see :data:`INTAKE_KEY_MAX_AGE`).
 
         Rows kept are stepped over, never examined twice in one pass: a purge costs one
         walk of the `ended_at` index, however many rows must stay. What keeps a row only
@@ -556,7 +583,12 @@ class SubmissionStore:
             )
         async with self.engine.begin() as conn:
             rows = list(await conn.execute(window))
-            settled = [r.id for r in rows if r.state in SETTLED and r.intake_key is None]
+            settled = [
+                r.id
+                for r in rows
+                if r.state in SETTLED
+                and (r.intake_key is None or (keys_before is not None and r.ended_at < keys_before))
+            ]
             needed = await self._parents_of_held(conn, settled)
             doomed = [i for i in settled if i not in needed]
             for part in _chunks(doomed):

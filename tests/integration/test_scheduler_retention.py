@@ -221,3 +221,17 @@ async def test_the_scheduler_forgets_an_ended_task_after_the_retention(cluster: 
         again = await http.post("/tasks", json={"id": "p1", "kind": "echo"})
         assert (again.status_code, again.json()["status"]) == (202, "pending")  # a new task
     assert "purged 1 task(s)" in scheduler.log()
+
+
+async def test_a_row_ended_long_ago_goes_though_its_intake_key_was_left_set(
+    store: SubmissionStore,
+) -> None:
+    await store.claim([(sub(i, key="2" * 64), CLAIMED) for i in ("stale", "admitting")])
+    await store.mark_dispatched(["stale"])
+    await store.record_outcomes([("stale", "completed", None)])  # its key never forgotten
+    later = utcnow() + timedelta(hours=2)
+    assert await Purger(store, 60, clock=lambda: later).purge() == 1
+    assert await known(store, ["stale", "admitting"]) == {"admitting"}
+    await store.claim([(sub("left", key="2" * 64), CLAIMED)])
+    assert await store.clear_stale_intake(later, keep=["admitting"]) == 1
+    assert await store.unacked_intake("2" * 64) == ["admitting"]
