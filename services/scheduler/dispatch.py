@@ -14,7 +14,7 @@ answers are replied at intake.
 
 from __future__ import annotations
 
-from collections.abc import Sequence, Set
+from collections.abc import Iterator, Sequence, Set
 from typing import Literal
 
 from loguru import logger
@@ -40,7 +40,11 @@ from leveret.topology import (
     work_key,
 )
 
-_EVENT_CHUNK = 500
+#: One `tasks.accepted` event carries at most this many tasks, and at most this many
+#: bytes of JSON (half the tracker's cap on a batch event, well under a broker's
+#: `max_message_size`): many `depends_on` ids make a task large.
+EVENT_MAX_TASKS = 500
+EVENT_MAX_BYTES = 8 * 1024 * 1024
 
 Announced = Literal["pending", "delayed", "blocked"]
 
@@ -81,12 +85,7 @@ class Dispatcher:
             )
         announced: list[tuple[Submission, Announced]] = [(s, "pending") for s in dispatch]
         announced += held
-        for start in range(0, len(announced), _EVENT_CHUNK):
-            event = TasksAccepted(
-                tasks=[
-                    _accepted(s, status) for s, status in announced[start : start + _EVENT_CHUNK]
-                ]
-            )
+        for event in accepted_events([_accepted(s, status) for s, status in announced]):
             items.append(Outgoing(events, RK_TASKS_ACCEPTED, json_message(event)))
         await publish_all(items)
         self._announced.update(new_sets)
@@ -131,6 +130,28 @@ class Dispatcher:
         await publish_all(items)
         for s, e in endings:
             logger.bind(task_id=s.id).info("task {} {}: {}", s.id, e.status.value, e.message)
+
+
+def accepted_events(
+    tasks: Sequence[AcceptedTask],
+    *,
+    max_tasks: int = EVENT_MAX_TASKS,
+    max_bytes: int = EVENT_MAX_BYTES,
+) -> Iterator[TasksAccepted]:
+    """`tasks` in order, in events of at most `max_tasks` tasks and `max_bytes` of JSON
+    each (a task larger on its own goes alone)."""
+    budget = max_bytes - len(TasksAccepted(tasks=[]).model_dump_json())
+    chunk: list[AcceptedTask] = []
+    used = 0
+    for task in tasks:
+        size = len(task.model_dump_json().encode()) + 1  # and its comma
+        if chunk and (len(chunk) >= max_tasks or used + size > budget):
+            yield TasksAccepted(tasks=chunk)
+            chunk, used = [], 0
+        chunk.append(task)
+        used += size
+    if chunk:
+        yield TasksAccepted(tasks=chunk)
 
 
 def _accepted(s: Submission, status: Announced) -> AcceptedTask:
