@@ -35,6 +35,7 @@ from starlette.requests import ClientDisconnect
 from leveret import __version__
 from leveret.auth import Access, Principal, Scope, may_cancel, open_access
 from leveret.contracts import Accepted, CancelTask, SubmitBatch, SubmitTask
+from leveret.db import map_db_errors
 from leveret.errors import SubmissionError, UnavailableError
 from leveret.scheduler.admission import (
     Admission,
@@ -116,6 +117,10 @@ def _error(err: SubmissionError, index: int | None = None) -> JSONResponse:
         detail["index"] = index
     headers = {"Retry-After": "1"} if err.status == 503 else None
     return JSONResponse({"detail": detail}, status_code=err.status, headers=headers)
+
+
+def _unknown(task_id: str) -> JSONResponse:
+    return _error(SubmissionError("unknown_task", f"no task {task_id!r} was accepted", 404))
 
 
 def _unavailable(exc: BaseException) -> JSONResponse:
@@ -311,19 +316,25 @@ class _Routes:
             err.message = f"cannot cancel task {task_id!r}: {err.message}"
             return _error(err)
         if answer is CancelAnswer.UNKNOWN:
-            return _error(SubmissionError("unknown_task", f"no task {task_id!r} was accepted", 404))
+            return _unknown(task_id)
         if answer is CancelAnswer.FINISHED:
             return _error(SubmissionError("finished", f"task {task_id!r} already ended", 409))
         return JSONResponse({"id": task_id, "status": answer.value}, status_code=202)
 
     async def _not_yours(self, task_id: str, request: Request) -> JSONResponse | None:
-        """403 when the caller may not cancel this task (not its submitter, not admin)."""
+        """403 when the caller may not cancel this task (not its submitter, not admin);
+        404 when there is no such task, whoever asks."""
         principal: Principal | None = getattr(request.state, "principal", None)
         if principal is None:
             return None
-        owner = await self.admission.store.owner_of(task_id)
-        if may_cancel(principal, owner):
+        store = self.admission.store
+        if may_cancel(principal, await store.owner_of(task_id)):
             return None
+        # owner_of is None for an unknown id too: tell it from a task without an owner.
+        with map_db_errors():
+            known = await store.lookup([task_id])
+        if task_id not in known:
+            return _unknown(task_id)
         message = f"task {task_id!r} was submitted with another token"
         return _error(SubmissionError("forbidden", message, 403))
 

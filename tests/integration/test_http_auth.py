@@ -11,6 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 from certs import make_pki
+from helpers import eventually
+from test_backbone import PikaProducer
 
 from leveret.cli.procs import Cluster, free_port, wait_for
 
@@ -64,12 +66,40 @@ def test_scheduler_checks_tokens_scopes_and_owners(cluster: Cluster, tokens_file
     assert httpx.delete(f"{url}/bobs", headers=bearer(ALICE)).status_code == 403
     assert httpx.delete(f"{url}/bobs", headers=bearer(ADMIN)).status_code == 202
 
+    # An unknown id is a 404 for any token that may cancel, as for no token at all.
+    for token in (ALICE, ADMIN):
+        unknown = httpx.delete(f"{url}/nobodys", headers=bearer(token))
+        assert (unknown.status_code, unknown.json()["detail"]["error"]) == (404, "unknown_task")
+
     text = httpx.post(url, content=b'{"kind": "echo"}', headers=bearer(ALICE))
     assert text.status_code == 415, text.text
     rebound = httpx.post(url, json=task, headers={**bearer(ALICE), "Host": "evil.example"})
     assert rebound.status_code == 400, rebound.text
     for token in (ALICE, BOB, READER, ADMIN):
         assert token not in scheduler.log()
+
+
+async def test_a_task_without_an_owner_is_cancelled_by_admin_only(
+    cluster: Cluster, tokens_file: Path
+) -> None:
+    """A task submitted over AMQP has no owner: a `cancel` token gets 403 (not the 404
+    of an unknown id), an `admin` token cancels it."""
+    cluster.extra_env.update(
+        {"LEVERET_API_TOKENS": TOKENS, "LEVERET_API_TOKENS_FILE": str(tokens_file)}
+    )
+    cluster.start_scheduler()
+    producer = PikaProducer(cluster.amqp_url, cluster.namespace)
+    producer.publish(b'{"kind": "echo", "id": "ownerless"}', correlation_id="ownerless")
+    producer.connection.close()
+    async with httpx.AsyncClient(base_url=cluster.scheduler_url, timeout=10) as http:
+
+        async def accepted() -> bool:
+            r = await http.delete("/tasks/ownerless", headers=bearer(ALICE))
+            return r.status_code == 403
+
+        await eventually(accepted, 10, "the AMQP submission to be accepted, then refused")
+        r = await http.delete("/tasks/ownerless", headers=bearer(ADMIN))
+        assert r.status_code == 202, r.text
 
 
 def test_tracker_serves_https_and_needs_the_read_scope(cluster: Cluster, tmp_path: Path) -> None:
