@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from datetime import datetime
 
 from aio_pika.abc import (
@@ -94,6 +96,8 @@ _BATCH_EVENTS: dict[str, type[TasksAccepted | TasksEnded]] = {
 }
 #: Distinct senders remembered per worker id (for fencing: see leveret.roles).
 MAX_USERS_PER_WORKER = 8
+#: Worker ids whose senders are remembered; the least recently heard is forgotten first.
+MAX_WORKER_IDS = 10_000
 #: At most one log line per this many seconds about oversized messages.
 OVERSIZED_LOG_EVERY_S = 60.0
 
@@ -167,11 +171,14 @@ class Consumer:
         batch_wait_ms: float,
         replies: ReplySender | None = None,
         roles: RoleUsers | None = None,
+        clock: Callable[[], datetime] = utcnow,
     ) -> None:
         """`replies` sends the replies a batch leaves owed (None: none is sent); `roles`
-        says who may send what (default: anyone anything)."""
+        says who may send what (default: anyone anything); `clock` stamps worker news."""
         self.roles = roles or RoleUsers({})
-        self.worker_users: dict[str, set[str]] = {}  # worker id -> verified senders of its news
+        # worker id -> verified senders of its news, least recently heard first
+        self.worker_users: OrderedDict[str, set[str]] = OrderedDict()
+        self.clock = clock
         self.forged = RefusedSenders()
         self.store = store
         self.replies = replies
@@ -310,16 +317,27 @@ class Consumer:
     def _as_received(
         self, delivery: AbstractIncomingMessage, message: TrackerMessage
     ) -> TrackerMessage:
-        """A worker event as heard: its verified sender noted for fencing, its time never
-        later than now (a heartbeat stamped in the future must not hide its worker)."""
+        """A worker event as heard: its verified sender noted for fencing, its time the
+        tracker's receipt time (liveness never trusts the sender's clock: one ahead would
+        hide a hung worker, one behind would get a healthy one fenced)."""
         if not isinstance(message, WorkerStarted | WorkerHeartbeat | WorkerStopped):
             return message
         worker_id = message.worker if isinstance(message, WorkerStopped) else message.worker.id
-        users = self.worker_users.setdefault(worker_id, set())
+        self._note_sender(worker_id, sender_of(delivery) or "")
+        return message.model_copy(update={"at": self.clock()})
+
+    def _note_sender(self, worker_id: str, user: str) -> None:
+        users = self.worker_users.pop(worker_id, set())
         if len(users) < MAX_USERS_PER_WORKER:
-            users.add(sender_of(delivery) or "")
-        now = utcnow()
-        return message.model_copy(update={"at": now}) if message.at > now else message
+            users.add(user)
+        self.worker_users[worker_id] = users
+        while len(self.worker_users) > MAX_WORKER_IDS:
+            self.worker_users.popitem(last=False)
+
+    def forget_workers(self, worker_ids: Iterable[str]) -> None:
+        """Forget the senders of workers whose registrations were dropped."""
+        for worker_id in worker_ids:
+            self.worker_users.pop(worker_id, None)
 
     async def _refuse_sender(self, delivery: AbstractIncomingMessage, kind: str) -> None:
         """Set aside a message its sender's role may not send: dead-lettered to the

@@ -66,8 +66,11 @@ class Retention:
         clock: Callable[[], datetime] = utcnow,
         batch: int = PURGE_BATCH,
         pause_s: float = PURGE_PAUSE_S,
+        on_workers_dropped: Callable[[list[str]], None] | None = None,
     ) -> None:
-        """`retention_s` 0 keeps tasks forever."""
+        """`retention_s` 0 keeps tasks forever; `on_workers_dropped` hears the ids of
+        dropped worker registrations."""
+        self.on_workers_dropped = on_workers_dropped
         self.store = store
         self.retention_s = retention_s
         self.worker_retention_s = worker_retention_s
@@ -116,6 +119,8 @@ class Retention:
             )
         worker_cutoff = now - timedelta(seconds=self.worker_retention_s)
         dropped = await self.store.drop_workers(worker_cutoff, self.batch)
+        if dropped and self.on_workers_dropped is not None:
+            self.on_workers_dropped(dropped)
         if dropped:
             logger.info(
                 "retention: dropped {} worker registrations silent since before {}: {}",

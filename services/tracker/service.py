@@ -74,6 +74,7 @@ async def run(
                 store,
                 retention_s=settings.retention,
                 worker_retention_s=settings.worker_retention,
+                on_workers_dropped=consumer.forget_workers,
             )
             app = create_app(
                 store,

@@ -1,7 +1,8 @@
 """The watchdog: declares silent workers dead and makes the broker release their tasks.
 
 Every ``heartbeat_timeout_s / 4`` it looks for workers that are neither stopped nor
-already written off and whose last heartbeat is older than ``heartbeat_timeout_s``
+already written off and whose last heartbeat was heard (by the tracker's clock; a
+worker's own clock never counts) longer than ``heartbeat_timeout_s`` ago
 (counted from the tracker's start at the earliest, so a restarted tracker gives
 every worker one timeout to be heard again; the same after the tracker's consumer
 reconnected to the broker). Silence is judged up to the moment the tracker's
@@ -19,7 +20,7 @@ attempts `fenced`, and their tasks `pending` again (see
 
 A fenced worker is left alone only while it stays silent: if it is heard from
 again under its fenced id (its close reason was lost in a connection reset, so it
-did not know to re-register), a heartbeat sent after the fence revives the
+did not know to re-register), a heartbeat heard after the fence revives the
 registration and this watchdog watches it, and fences it, again (see
 :mod:`leveret.tracker.workers`).
 

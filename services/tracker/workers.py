@@ -1,5 +1,7 @@
 """Workers as the tracker sees them: pure functions over heartbeats, goodbyes and the
-watchdog's verdicts. No I/O here.
+watchdog's verdicts. No I/O here. The `at` of worker news is the tracker's receipt
+time (the consumer stamps it), never the sender's clock: see
+:meth:`leveret.tracker.consumer.Consumer._as_received`.
 
 A worker the watchdog declares dead carries *how* it died, because that decides
 what may bring it back:
@@ -8,10 +10,9 @@ what may bring it back:
   reason says ``leveret-fenced``) and re-registers under a new id. But the reason
   can be lost (a connection reset after a partition swallows the close frame), and
   a worker that comes back under its fenced id must not hold a connection nobody
-  watches: a heartbeat or announcement from that id sent *after* the fence
+  watches: a heartbeat or announcement from that id heard *after* the fence
   (`at` later than `dead_at`) revives the registration, so the watchdog watches it
-  (and fences it) again. One sent before the fence and delivered late changes
-  nothing. Its fenced attempts stay written off either way.
+  (and fences it) again. Its fenced attempts stay written off either way.
 - ``gone``: its connection had already vanished (crash, lost host); the broker
   requeued its deliveries. If it was only cut off, it comes back under the same
   id on a new connection, and its next heartbeat revives it.
@@ -138,7 +139,7 @@ def _fenced_and_not_since(record: WorkerRecord, at: datetime) -> bool:
 
 def apply_worker_started(record: WorkerRecord | None, event: WorkerStarted) -> WorkerRecord:
     """A worker announced itself (at start, on a new session, and when a scheduler starts).
-    A newer announcement revives a dead worker; a fenced one only if sent after the fence."""
+    A newer announcement revives a dead worker; a fenced one only if heard after the fence."""
     if record is None:
         return _from_info(event.worker, event.at)
     if _fenced_and_not_since(record, event.at):
@@ -152,7 +153,7 @@ def apply_worker_started(record: WorkerRecord | None, event: WorkerStarted) -> W
 def apply_heartbeat(record: WorkerRecord | None, event: WorkerHeartbeat) -> WorkerRecord:
     """A heartbeat: registers an unknown worker; a newer one refreshes `last_seen` and
     `in_flight` and revives a dead worker (one older than the last heartbeat or the
-    goodbye, delivered late, does not). A fenced id is revived only by a heartbeat sent
+    goodbye, redelivered, does not). A fenced id is revived only by a heartbeat heard
     after the fence."""
     if record is not None and _fenced_and_not_since(record, event.at):
         return record

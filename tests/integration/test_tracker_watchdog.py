@@ -6,8 +6,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
+from typing import cast
 
 import pytest
+from aio_pika.abc import AbstractIncomingMessage
 from loguru import logger
 from sqlalchemy import inspect
 
@@ -23,6 +26,8 @@ from leveret.contracts import (
 )
 from leveret.errors import BrokerError
 from leveret.settings import sqlite_url
+from leveret.topology import Topology
+from leveret.tracker.consumer import MAX_WORKER_IDS, Consumer
 from leveret.tracker.state import AttemptOutcome
 from leveret.tracker.store import TrackerStore
 from leveret.tracker.watchdog import CONSEQUENCE, Watchdog
@@ -392,3 +397,38 @@ async def test_a_reconnected_tracker_gives_each_worker_one_timeout(store: Tracke
     clock.to(53.5)
     await dog.tick()
     assert [c[0] for c in api.calls] == ["w1"]
+
+
+def consumer(store: TrackerStore, clock: Clock) -> Consumer:
+    return Consumer(store, Topology("t"), prefetch=1, batch_max=1, batch_wait_ms=1, clock=clock)
+
+
+def delivery(user: str) -> AbstractIncomingMessage:
+    return cast(AbstractIncomingMessage, SimpleNamespace(user_id=user))
+
+
+async def test_a_worker_whose_clock_is_behind_is_not_fenced(store: TrackerStore) -> None:
+    clock = Clock(0)
+    heard = consumer(store, clock)
+    api = FakeApi()
+    dog = watchdog(store, api, clock)
+    for second in range(0, 13):  # a heartbeat a second, each stamped 10 s in the past
+        clock.to(second)
+        await store.apply([heard._as_received(delivery("w"), heartbeat("w1", second - 10))])
+        await dog.tick()
+    assert api.calls == []
+    assert (await states(store, at(12)))["w1"] is WorkerState.ALIVE
+    clock.to(12 + TIMEOUT_S + 0.1)  # silence still counts, by the tracker's clock
+    await dog.tick()
+    assert [c[0] for c in api.calls] == ["w1"]
+
+
+async def test_the_senders_remembered_per_worker_are_bounded(store: TrackerStore) -> None:
+    heard = consumer(store, Clock(0))
+    for n in range(MAX_WORKER_IDS + 5):
+        heard._as_received(delivery("w"), heartbeat(f"w{n}", 0))
+    assert len(heard.worker_users) == MAX_WORKER_IDS
+    assert "w0" not in heard.worker_users  # the least recently heard went first
+    assert heard.worker_users[f"w{MAX_WORKER_IDS + 4}"] == {"w"}
+    heard.forget_workers([f"w{MAX_WORKER_IDS + 4}", "unknown"])
+    assert len(heard.worker_users) == MAX_WORKER_IDS - 1
