@@ -210,9 +210,7 @@ class _Routes:
 
     def _throttle(self, request: Request, tasks: int) -> JSONResponse | None:
         """429 with Retry-After when this client is over its submission rate."""
-        client = request.headers.get("x-client-id") or (
-            request.client.host if request.client else "unknown"
-        )
+        client = _client_of(request)
         wait = self.limiter.take(client, tasks)
         if not wait:
             return None
@@ -395,6 +393,15 @@ def create_app(
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     access.protect(app)
     return app
+
+
+def _client_of(request: Request) -> str:
+    """Whom the rate limit counts: the calling token's id with tokens configured, else
+    the peer address. Never a header the caller chooses (``X-Client-Id`` is ignored)."""
+    principal: Principal | None = getattr(request.state, "principal", None)
+    if principal is not None:
+        return f"token {principal.id}"
+    return request.client.host if request.client else "unknown"
 
 
 def _owned(work: Submission, request: Request) -> Submission:

@@ -1,11 +1,12 @@
 """Per-client submission limits for the HTTP API: a token bucket per client.
 
-A client is identified by its ``X-Client-Id`` header when it sends one, else by
-its address. Each submitted *task* costs one token (a batch of 500 costs 500), so
-batching does not dodge the limit. When a bucket is empty the API answers 429
-with ``Retry-After`` (whole seconds until enough tokens are back) and accepts
-nothing from that request. Buckets live in the scheduler's memory: with several
-scheduler replicas each enforces its own share. At most `max_clients` buckets are
+A client is the API token it authenticated with (by the token's id) when API tokens
+are configured, else its address; never a header the caller chooses. Each submitted
+*task* costs one bucket token (a batch of 500 costs 500), so batching does not dodge
+the limit. When a bucket is empty the API answers 429 with ``Retry-After`` (whole
+seconds until enough tokens are back) and accepts nothing from that request.
+Buckets live in the scheduler's memory: with several scheduler replicas each
+enforces its own share. At most `max_clients` buckets are
 kept: past it the least recently seen client is forgotten (and with it any full
 bucket next in line: a full bucket carries no state), so one that comes back
 starts with a full burst again.

@@ -38,7 +38,13 @@ def tokens_file(tmp_path: Path) -> Path:
 
 def test_scheduler_checks_tokens_scopes_and_owners(cluster: Cluster, tokens_file: Path) -> None:
     cluster.extra_env.update(
-        {"LEVERET_API_TOKENS": TOKENS, "LEVERET_API_TOKENS_FILE": str(tokens_file)}
+        {
+            "LEVERET_API_TOKENS": TOKENS,
+            "LEVERET_API_TOKENS_FILE": str(tokens_file),
+            # A burst of 3 tasks per token that cannot refill during the test.
+            "LEVERET_HTTP_RATE_PER_S": "0.001",
+            "LEVERET_HTTP_BURST": "3",
+        }
     )
     scheduler = cluster.start_scheduler()
     url = f"{cluster.scheduler_url}/tasks"
@@ -70,6 +76,12 @@ def test_scheduler_checks_tokens_scopes_and_owners(cluster: Cluster, tokens_file
     for token in (ALICE, ADMIN):
         unknown = httpx.delete(f"{url}/nobodys", headers=bearer(token))
         assert (unknown.status_code, unknown.json()["detail"]["error"]) == (404, "unknown_task")
+
+    # The rate limit counts per token, whatever X-Client-Id says: alice has used 1 of 3.
+    assert httpx.post(f"{url}/batch", json={"tasks": [task] * 2}, headers=bearer(ALICE)).is_success
+    spoofed = {**bearer(ALICE), "X-Client-Id": "someone-else"}
+    assert httpx.post(url, json=task, headers=spoofed).status_code == 429
+    assert httpx.post(url, json=task, headers=bearer(BOB)).status_code == 202
 
     text = httpx.post(url, content=b'{"kind": "echo"}', headers=bearer(ALICE))
     assert text.status_code == 415, text.text
