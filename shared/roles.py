@@ -110,8 +110,11 @@ def broker_permissions(namespace: str) -> dict[Role, Permissions]:
     names; what sets them apart is where they may publish. A producer may only
     publish to ``<ns>.submit`` and read its own replies (direct reply-to, or a
     server-named ``amq.gen-…`` or client-named ``amq_<hex>`` exclusive queue it
-    declares); nobody but the scheduler may
-    publish to ``<ns>.submit``."""
+    declares); nobody but the scheduler may publish to ``<ns>.submit``. The tracker
+    declares no exclusive queue, so it gets none of those names. Every service role
+    writes to ``amq.default``: replies and a worker's hand-backs go through it, and
+    RabbitMQ cannot limit which queue a publish there reaches (hence the intake's
+    own sender check)."""
     ns = re.escape(namespace)
     own = rf"{ns}\..*"
     replies = r"(?:amq\.gen-.*|amq_[0-9a-f]+)"  # server-named, or named by aio-pika
@@ -132,7 +135,11 @@ def broker_permissions(namespace: str) -> dict[Role, Permissions]:
             read=service.read,
         ),
         Role.WORKER: service,
-        Role.TRACKER: service,
+        Role.TRACKER: Permissions(
+            configure=rf"^{own}$",
+            write=rf"^({ns}\.(?!submit$).*|amq\.default)$",
+            read=rf"^{own}$",
+        ),
     }
 
 

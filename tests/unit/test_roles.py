@@ -72,3 +72,17 @@ def test_a_worker_started_with_the_env_file_holds_no_other_roles_secret(
     assert env["LEVERET_TRACKER_USERS"] == "leveret-tracker"  # role lists reach everyone
     secrets = ":t@", ":f@", ":s@", ":p@"
     assert not [k for k, v in env.items() if any(s in v for s in secrets)], env
+
+
+def test_the_tracker_may_not_touch_a_producers_reply_queue() -> None:
+    import re
+
+    from leveret.roles import Role, broker_permissions
+
+    perms = broker_permissions("ns")
+    tracker, worker = perms[Role.TRACKER], perms[Role.WORKER]
+    for regex in (tracker.configure, tracker.write, tracker.read):
+        assert not re.fullmatch(regex, "amq.gen-abc")
+    assert re.fullmatch(tracker.configure, "ns.tracker")
+    assert not re.fullmatch(tracker.write, "ns.submit")
+    assert re.fullmatch(worker.read, "amq.gen-abc")  # its scheduler.started listener
