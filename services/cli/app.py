@@ -157,6 +157,12 @@ def broker_setup(
     fencer: Annotated[
         bool, typer.Option(help="Make the administrator user the tracker fences with")
     ] = True,
+    role_files: Annotated[
+        bool,
+        typer.Option(
+            "--role-files", help="Also write <dir>/<role>/<env file name>: each role's lines only"
+        ),
+    ] = False,
 ) -> None:
     """Create one RabbitMQ user per role with least-privilege permissions (idempotent)."""
     from leveret.cli import brokersetup
@@ -170,6 +176,7 @@ def broker_setup(
         env_file=env_file,
         rotate=rotate,
         fencer=fencer,
+        role_files=role_files,
     )
     raise typer.Exit(brokersetup.broker_setup(plan))
 

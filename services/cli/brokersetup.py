@@ -15,6 +15,12 @@ a fifth user, ``<prefix>-fencer``, gets that tag and no permission in any vhost
 credentials (``LEVERET_TRACKER_MANAGEMENT_URL``). It is as powerful as any
 administrator on the HTTP API: keep it to the tracker, or pass ``--no-fencer``
 and do without fencing (the tracker then warns at start).
+
+The env file holds every role's password. With ``--role-files`` it also writes, for
+each role, ``<dir>/<role>/<name>`` next to it (``/secrets/roles.env`` gives
+``/secrets/worker/roles.env``…) with only the lines that role's processes use: the
+lines for everyone, the role lists and that role's own lines. Give each service
+only its role's file.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import httpx
 
-from leveret.envfile import read_env_file
+from leveret.envfile import read_env_file, role_of
 from leveret.roles import Role, broker_permissions
 from leveret.topology import DEFAULT_NAMESPACE
 
@@ -45,6 +51,7 @@ class Plan:
     env_file: Path | None
     rotate: bool = False
     fencer: bool = True
+    role_files: bool = False
 
     @property
     def prefix(self) -> str:
@@ -137,6 +144,23 @@ def write_env_file(path: Path, lines: dict[str, str]) -> None:
         out.write(text)
 
 
+def role_file(env_file: Path, role: Role) -> Path:
+    """Where ``--role-files`` writes `role`'s own env file."""
+    return env_file.parent / str(role) / env_file.name
+
+
+def write_role_files(env_file: Path, lines: dict[str, str]) -> list[Path]:
+    """One env file per role, with only the lines its processes use; their paths."""
+    written = []
+    for role in Role:
+        path = role_file(env_file, role)
+        path.parent.mkdir(mode=0o700, exist_ok=True)
+        own = {k: v for k, v in lines.items() if role_of(k) in (None, role)}
+        write_env_file(path, own)
+        written.append(path)
+    return written
+
+
 def broker_setup(plan: Plan) -> int:
     """Run the set-up; print what it made (never a password) and return an exit code."""
     try:
@@ -149,7 +173,18 @@ def broker_setup(plan: Plan) -> int:
     if plan.env_file is not None:
         write_env_file(plan.env_file, lines)
         print(f"wrote {plan.env_file} (mode 600)")
+        if plan.role_files:
+            paths = write_role_files(plan.env_file, lines)
+            print(f"wrote {', '.join(map(str, paths))} (mode 600), one per role")
     return 0
 
 
-__all__ = ["Plan", "Role", "broker_setup", "set_up", "write_env_file"]
+__all__ = [
+    "Plan",
+    "Role",
+    "broker_setup",
+    "role_file",
+    "set_up",
+    "write_env_file",
+    "write_role_files",
+]

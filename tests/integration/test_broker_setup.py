@@ -39,6 +39,7 @@ def fresh(base_amqp_url: str, tmp_path: Path) -> Iterator[tuple[str, str]]:
 
 def setup(vhost: str, ns: str, env_file: Path) -> None:
     args = ["broker-setup", "--admin-url", ADMIN, "--vhost", vhost, "--env-file", str(env_file)]
+    args.append("--role-files")
     done = subprocess.run(
         [sys.executable, "-m", "leveret.cli", *args, "--namespace", ns],
         capture_output=True,
@@ -65,7 +66,11 @@ async def test_role_users_run_a_task_and_a_producer_cannot_publish_results(
     try:
         cluster.start_scheduler()
         cluster.start_tracker()
-        cluster.start_worker("w-role")
+        own = env_file.parent / "worker" / env_file.name  # --role-files: the worker's lines only
+        others = [v for k, v in first.items() if k.endswith("_URL") and "_WORKER_" not in k]
+        assert not set(others) & set(read_env_file(own).values())
+        assert oct(own.stat().st_mode & 0o777) == "0o600"
+        cluster.start_worker("w-role", env={"LEVERET_ENV_FILE": str(own)})
         async with Client(first["LEVERET_PRODUCER_AMQP_URL"], namespace=ns) as client:
             task_id = await client.submit("echo", "hi", wait=True)
             assert (await client.result(task_id, timeout_s=30)).result == "hi"
