@@ -187,6 +187,8 @@ def test_broker_setup_makes_the_role_users_before_the_services_start(
     for name in LEVERET_SERVICES:
         spec = services[name]["depends_on"]["broker-setup"]
         assert spec["condition"] == "service_completed_successfully"
+        assert f"{name}-secrets:/secrets/{name}" in setup["volumes"]  # --role-files writes there
+    assert "--role-files" in command
 
 
 @pytest.mark.parametrize("name", sorted(LEVERET_SERVICES))
@@ -214,7 +216,9 @@ def test_environment_uses_leveret_settings(services: dict[str, dict[str, Any]], 
     assert "LEVERET_AMQP_URL" not in env, "its role's URL comes from the role env file"
     command = _command(services[name])
     assert command[command.index("--env-file") + 1] == ROLE_ENV_FILE
-    assert "broker-secrets:/secrets:ro" in services[name]["volumes"]
+    # only its role's env file (broker-setup --role-files), never every role's
+    assert f"{name}-secrets:/secrets:ro" in services[name]["volumes"]
+    assert not [v for v in services[name]["volumes"] if str(v).startswith("broker-secrets:")]
     assert env["LEVERET_LOG_JSON"] == "1"
 
 
