@@ -16,13 +16,14 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Self
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
     JsonValue,
+    PrivateAttr,
     TypeAdapter,
     field_validator,
     model_validator,
@@ -413,7 +414,26 @@ class WorkerInfo(_Model):
     version: str
 
 
-class WorkerStarted(_Model):
+class _WorkerNews(_Model):
+    """A worker's news as the tracker hears it: `at` becomes the time it was received
+    (liveness never trusts the sender's clock); :attr:`sent_at` keeps when the worker
+    says it sent it, never later than that, to tell news sent before a fence from
+    news sent after it. Not part of the message."""
+
+    _sent_at: datetime | None = PrivateAttr(default=None)
+
+    @property
+    def sent_at(self) -> datetime:
+        return self._sent_at or self.at  # type: ignore[attr-defined]
+
+    def heard(self, at: datetime) -> Self:
+        """This news as received at `at` (see the class docstring)."""
+        copy = self.model_copy(update={"at": at})
+        copy._sent_at = min(self.sent_at, at)
+        return copy
+
+
+class WorkerStarted(_WorkerNews):
     """Event: a worker registered."""
 
     type: Literal["worker.started"] = "worker.started"
@@ -422,7 +442,7 @@ class WorkerStarted(_Model):
     at: datetime = Field(default_factory=utcnow)
 
 
-class WorkerHeartbeat(_Model):
+class WorkerHeartbeat(_WorkerNews):
     """Event: a worker is alive; sent every heartbeat interval."""
 
     type: Literal["worker.heartbeat"] = "worker.heartbeat"

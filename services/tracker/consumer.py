@@ -322,9 +322,11 @@ class Consumer:
         hide a hung worker, one behind would get a healthy one fenced)."""
         if not isinstance(message, WorkerStarted | WorkerHeartbeat | WorkerStopped):
             return message
-        worker_id = message.worker if isinstance(message, WorkerStopped) else message.worker.id
-        self._note_sender(worker_id, sender_of(delivery) or "")
-        return message.model_copy(update={"at": self.clock()})
+        if isinstance(message, WorkerStopped):
+            self._note_sender(message.worker, sender_of(delivery) or "")
+            return message.model_copy(update={"at": self.clock()})
+        self._note_sender(message.worker.id, sender_of(delivery) or "")
+        return message.heard(self.clock())
 
     def _note_sender(self, worker_id: str, user: str) -> None:
         users = self.worker_users.pop(worker_id, set())

@@ -20,7 +20,7 @@ attempts `fenced`, and their tasks `pending` again (see
 
 A fenced worker is left alone only while it stays silent: if it is heard from
 again under its fenced id (its close reason was lost in a connection reset, so it
-did not know to re-register), a heartbeat heard after the fence revives the
+did not know to re-register), a heartbeat sent after the fence revives the
 registration and this watchdog watches it, and fences it, again (see
 :mod:`leveret.tracker.workers`).
 

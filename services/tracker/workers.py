@@ -1,7 +1,9 @@
 """Workers as the tracker sees them: pure functions over heartbeats, goodbyes and the
 watchdog's verdicts. No I/O here. The `at` of worker news is the tracker's receipt
 time (the consumer stamps it), never the sender's clock: see
-:meth:`leveret.tracker.consumer.Consumer._as_received`.
+:meth:`leveret.tracker.consumer.Consumer._as_received`. Only whether news was sent
+after a fence is judged by its `sent_at` (the sender's time, at most its receipt):
+a heartbeat queued before the fence must not revive the fenced registration.
 
 A worker the watchdog declares dead carries *how* it died, because that decides
 what may bring it back:
@@ -139,10 +141,10 @@ def _fenced_and_not_since(record: WorkerRecord, at: datetime) -> bool:
 
 def apply_worker_started(record: WorkerRecord | None, event: WorkerStarted) -> WorkerRecord:
     """A worker announced itself (at start, on a new session, and when a scheduler starts).
-    A newer announcement revives a dead worker; a fenced one only if heard after the fence."""
+    A newer announcement revives a dead worker; a fenced one only if sent after the fence."""
     if record is None:
         return _from_info(event.worker, event.at)
-    if _fenced_and_not_since(record, event.at):
+    if _fenced_and_not_since(record, event.sent_at):
         return record
     new = _with_info(record, event.worker)
     if event.at > record.last_seen:
@@ -153,9 +155,9 @@ def apply_worker_started(record: WorkerRecord | None, event: WorkerStarted) -> W
 def apply_heartbeat(record: WorkerRecord | None, event: WorkerHeartbeat) -> WorkerRecord:
     """A heartbeat: registers an unknown worker; a newer one refreshes `last_seen` and
     `in_flight` and revives a dead worker (one older than the last heartbeat or the
-    goodbye, redelivered, does not). A fenced id is revived only by a heartbeat heard
+    goodbye, redelivered, does not). A fenced id is revived only by a heartbeat sent
     after the fence."""
-    if record is not None and _fenced_and_not_since(record, event.at):
+    if record is not None and _fenced_and_not_since(record, event.sent_at):
         return record
     base = record if record is not None else _from_info(event.worker, event.at)
     new = _with_info(base, event.worker)

@@ -21,7 +21,7 @@ import pytest
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 from pydantic import BaseModel
 
-from leveret.amqp import json_message, open_channel
+from leveret.amqp import json_message, open_channel, stamp_sender
 from leveret.contracts import (
     AcceptedTask,
     TaskError,
@@ -85,9 +85,11 @@ async def broker(
 async def publish(
     channel: AbstractChannel, exchange: str, routing_key: str, body: BaseModel | bytes
 ) -> None:
-    """Publish (mandatory, confirmed) to one of the namespace's exchanges."""
+    """Publish (mandatory, confirmed) to one of the namespace's exchanges, with the
+    verified `user_id` every leveret service sets (the tracker fences only the
+    connections of users a worker's news came from)."""
     ex = await channel.get_exchange(exchange)
-    await ex.publish(json_message(body), routing_key, mandatory=True)
+    await ex.publish(stamp_sender(ex, json_message(body)), routing_key, mandatory=True)
 
 
 async def publish_result(channel: AbstractChannel, topology: Topology, result: TaskResult) -> None:
