@@ -32,7 +32,7 @@ from helpers import TrackerApi, eventually, ready_messages, report
 from sqlalchemy import select
 
 from leveret.amqp import connect, open_channel
-from leveret.cli.procs import Cluster
+from leveret.cli.procs import Cluster, Service
 from leveret.contracts import REPLY_RESULT, TERMINAL_STATUSES
 from leveret.scheduler.admission import Admission, KindCatalog
 from leveret.scheduler.dispatch import Dispatcher
@@ -47,6 +47,7 @@ pytestmark = [pytest.mark.broker, pytest.mark.chaos]
 SUBMISSIONS = 2000
 KILL_AFTER = 700  # confirmed submissions
 KILLS = 3  # at most, until one catches an id-less submission mid-admission
+BACKLOG = 400  # submissions queued behind the frozen scheduler before each kill
 #: How long the scheduler stays dead: the fault itself, not a synchronisation.
 DOWNTIME_S = 3.0
 PUBLISHERS = 8  # producer connections, each waiting for every confirm
@@ -125,6 +126,58 @@ def _submission(i: int, inbox: str) -> tuple[bytes, pika.BasicProperties]:
     return json.dumps(body).encode(), properties
 
 
+async def _kill_mid_admission(
+    cluster: Cluster,
+    scheduler: Service,
+    intake: str,
+    publishing: asyncio.Future[Any],
+    confirmed: Callable[[], int],
+) -> tuple[Service, list[int]]:
+    """SIGKILL the scheduler while it has id-less submissions claimed and not yet acked;
+    return the restarted scheduler and the confirmed count at each kill.
+
+    The kill lands in that window when the scheduler is saturated, admitting batch
+    after batch: so it is frozen while a backlog builds, thawed, and killed once it is
+    visibly working through it. If even so the kill fell between two batches (no
+    redelivery found its first task), the restarted one is killed the same way.
+    """
+
+    async def backlog() -> int:
+        return await ready_messages(cluster.amqp_url, intake)
+
+    kills: list[int] = []
+    restarted = scheduler
+    for _ in range(KILLS):
+        restarted.send(signal.SIGSTOP)
+        frozen_at = await backlog()
+
+        async def built(start: int = frozen_at) -> bool:
+            return publishing.done() or await backlog() >= start + BACKLOG
+
+        await eventually(built, 60, f"a backlog of {BACKLOG} behind a frozen scheduler")
+        restarted.send(signal.SIGCONT)
+        peak = await backlog()
+        if peak == 0:
+            break  # nothing left to admit: no kill can catch anything
+
+        async def working(start: int = peak) -> bool:
+            return await backlog() <= start - BACKLOG // 4
+
+        await eventually(working, 60, "the thawed scheduler admitting its backlog")
+        restarted.send(signal.SIGKILL)
+        kills.append(confirmed())
+        await asyncio.sleep(DOWNTIME_S)
+        restarted = await asyncio.to_thread(cluster.start_scheduler)
+
+        async def matched(proc: Service = restarted) -> bool:
+            return "redelivered submission is task" in proc.log()
+
+        with contextlib.suppress(TimeoutError):
+            await eventually(matched, 5, "a redelivery matched to its first task")
+            break
+    return restarted, kills
+
+
 async def test_scheduler_killed_mid_intake_admits_each_submission_once(cluster: Cluster) -> None:
     cluster.start_tracker()
     scheduler = cluster.start_scheduler()
@@ -173,33 +226,15 @@ async def test_scheduler_killed_mid_intake_admits_each_submission_once(cluster: 
 
             intake = Topology(cluster.namespace).intake.name
 
-            async def kill_time() -> bool:
-                """Enough confirmed, and a backlog: the scheduler holds a full prefetch
-                window of unacked deliveries and admits them batch after batch."""
+            async def enough_confirmed() -> bool:
                 if publishing.done():
                     publishing.result()  # a publisher failed: say why
-                return (
-                    confirmed >= KILL_AFTER and await ready_messages(cluster.amqp_url, intake) > 0
-                )
+                return confirmed >= KILL_AFTER
 
-            async def matched() -> bool:
-                return "redelivered submission is task" in restarted.log()
-
-            # A kill can land between two batches, with no id-less submission claimed
-            # and unacked: then kill the restarted scheduler again, while a backlog lasts.
-            kills: list[int] = []
-            restarted = scheduler
-            for _ in range(KILLS):
-                await eventually(kill_time, 60, f"{KILL_AFTER} confirmed, a backlog", 0.2)
-                restarted.send(signal.SIGKILL)
-                kills.append(confirmed)
-                await asyncio.sleep(DOWNTIME_S)
-                restarted = await asyncio.to_thread(cluster.start_scheduler)
-                with contextlib.suppress(TimeoutError):
-                    await eventually(matched, 10, "a redelivery matched to its first task")
-                    break
-                if publishing.done():
-                    break
+            await eventually(enough_confirmed, 60, f"{KILL_AFTER} confirmed", 0.2)
+            restarted, kills = await _kill_mid_admission(
+                cluster, scheduler, intake, publishing, lambda: confirmed
+            )
             await publishing
 
         async def all_answered() -> bool:
