@@ -39,6 +39,18 @@ async def ready_messages(url: str, queue: str) -> int:
         return int(declared.declaration_result.message_count or 0)
 
 
+#: The statuses a task that ran (or was cancelled) ends in.
+ENDED = ("completed", "failed", "cancelled")
+
+
+async def submit_task(cluster: Cluster, **task: Any) -> str:
+    """POST one task to the cluster's scheduler; it must be accepted. Its id."""
+    async with httpx.AsyncClient(base_url=cluster.scheduler_url, timeout=10) as http:
+        r = await http.post("/tasks", json=task)
+    assert r.status_code == 202, r.text
+    return str(r.json()["id"])
+
+
 class TrackerApi:
     """The tracker's HTTP API, for assertions."""
 
@@ -63,6 +75,18 @@ class TrackerApi:
         except TimeoutError as exc:
             raise TimeoutError(f"{exc} (last seen: {seen})") from None
         return dict(seen)
+
+    async def ended(self, task_id: str, timeout_s: float = 60) -> dict[str, Any]:
+        """The task's full record once it has ended (completed, failed or cancelled)."""
+        state: dict[str, Any] = {}
+
+        async def ended() -> bool:
+            nonlocal state
+            state = await self.task(task_id)
+            return state.get("status") in ENDED
+
+        await eventually(ended, timeout_s, f"task {task_id} to end", interval_s=0.1)
+        return state
 
     async def stats(self) -> dict[str, Any]:
         return (await self.http.get("/stats")).json()

@@ -26,7 +26,7 @@ from typing import Any
 
 import httpx
 import pytest
-from helpers import TrackerApi, drop_namespace, eventually, report
+from helpers import TrackerApi, drop_namespace, eventually, report, submit_task
 
 from leveret.amqp import connect
 from leveret.cli.procs import Cluster, free_port
@@ -36,34 +36,12 @@ from leveret.topology import RK_TASK_RETRYING, Topology
 pytestmark = pytest.mark.broker
 
 TESTS_DIR = str(Path(__file__).resolve().parents[1])
-ENDED = ("completed", "failed", "cancelled")
 
 
 def _with_sample_handlers(cluster: Cluster) -> None:
     cluster.extra_env["PYTHONPATH"] = os.pathsep.join(
         p for p in (TESTS_DIR, os.environ.get("PYTHONPATH")) if p
     )
-
-
-async def _submit(cluster: Cluster, **task: Any) -> str:
-    """POST one task to the scheduler; it must be accepted."""
-    async with httpx.AsyncClient(base_url=cluster.scheduler_url, timeout=10) as http:
-        r = await http.post("/tasks", json=task)
-    assert r.status_code == 202, r.text
-    return str(r.json()["id"])
-
-
-async def _ended(api: TrackerApi, task_id: str, timeout_s: float = 60) -> dict[str, Any]:
-    """The tracker's full record of a task once it has ended."""
-    state: dict[str, Any] = {}
-
-    async def ended() -> bool:
-        nonlocal state
-        state = await api.task(task_id)
-        return state.get("status") in ENDED
-
-    await eventually(ended, timeout_s, f"task {task_id} to end", interval_s=0.1)
-    return state
 
 
 def _attempts(state: dict[str, Any]) -> list[tuple[int, str | None]]:
@@ -170,35 +148,35 @@ async def test_shell_runs_only_on_workers_started_with_shell(cluster: Cluster) -
 
         await eventually(shell_known, 20, "the scheduler to learn `shell`")
 
-    disabled = await _submit(c, kind="shell", payload="touch /tmp/never", max_retries=3)
-    ok = await _submit(c, kind="shell", pool="shell", payload="printf out; printf err >&2")
-    exit3 = await _submit(c, kind="shell", pool="shell", payload="echo boom >&2; exit 3")
-    exit3_retried = await _submit(
+    disabled = await submit_task(c, kind="shell", payload="touch /tmp/never", max_retries=3)
+    ok = await submit_task(c, kind="shell", pool="shell", payload="printf out; printf err >&2")
+    exit3 = await submit_task(c, kind="shell", pool="shell", payload="echo boom >&2; exit 3")
+    exit3_retried = await submit_task(
         c, kind="shell", pool="shell", payload="echo boom >&2; exit 3", max_retries=1
     )
-    not_a_command = await _submit(c, kind="shell", pool="shell", payload=42, max_retries=3)
+    not_a_command = await submit_task(c, kind="shell", pool="shell", payload=42, max_retries=3)
 
-    state = await _ended(api, disabled)
+    state = await api.ended(disabled)
     _failed_once(state, "shell_disabled")
     assert state["worker"] == "plain"
     assert "--shell" in state["error"]["message"]
 
-    state = await _ended(api, ok)
+    state = await api.ended(ok)
     assert state["status"] == "completed", state
     assert state["worker"] == "sh"
     assert state["result"] == {"exit_code": 0, "stdout": "out", "stderr": "err"}
 
-    state = await _ended(api, exit3)
+    state = await api.ended(exit3)
     _failed_once(state, "exit_status")  # the kind's default: no retries
     assert "exit status 3" in state["error"]["message"]
     assert "boom" in state["error"]["message"]
 
-    state = await _ended(api, exit3_retried)
+    state = await api.ended(exit3_retried)
     assert state["status"] == "failed", state
     assert state["error"]["type"] == "exit_status"
     assert _attempts(state) == [(1, "failed"), (2, "failed")], state
 
-    _failed_once(await _ended(api, not_a_command), "bad_payload")
+    _failed_once(await api.ended(not_a_command), "bad_payload")
     await api.close()
     shell_worker.stop()
     drop_namespace(c.amqp_url, c.namespace, pools=("shell",))
@@ -223,32 +201,34 @@ async def test_http_fetches_and_reports_transport_failures(
     api = TrackerApi(c.tracker_url)
     closed = free_port()  # nothing listens there: connection refused
 
-    fetched = await _submit(c, kind="http", payload=f"{base}/bytes/1234")
-    missing = await _submit(c, kind="http", payload={"url": f"{base}/status/404"})
-    refused = await _submit(c, kind="http", payload=f"http://127.0.0.1:{closed}/", max_retries=2)
-    not_url = await _submit(c, kind="http", payload="ftp://127.0.0.1/x", max_retries=3)
-    not_str = await _submit(c, kind="http", payload={"href": base}, max_retries=3)
+    fetched = await submit_task(c, kind="http", payload=f"{base}/bytes/1234")
+    missing = await submit_task(c, kind="http", payload={"url": f"{base}/status/404"})
+    refused = await submit_task(
+        c, kind="http", payload=f"http://127.0.0.1:{closed}/", max_retries=2
+    )
+    not_url = await submit_task(c, kind="http", payload="ftp://127.0.0.1/x", max_retries=3)
+    not_str = await submit_task(c, kind="http", payload={"href": base}, max_retries=3)
 
-    state = await _ended(api, fetched)
+    state = await api.ended(fetched)
     assert state["status"] == "completed", state
     assert state["result"]["status"] == 200
     assert state["result"]["bytes"] == 1234
     assert state["result"]["elapsed_s"] >= 0
     assert hits["/bytes/1234"] == 1
 
-    state = await _ended(api, missing)
+    state = await api.ended(missing)
     assert state["status"] == "completed", state
     assert state["result"]["status"] == 404
     assert state["result"]["bytes"] == len(b"nope")
 
-    state = await _ended(api, refused)
+    state = await api.ended(refused)
     assert state["status"] == "failed", state
     assert state["error"]["type"] == "http_error"
     assert f"127.0.0.1:{closed}" in state["error"]["message"]
     assert _attempts(state) == [(1, "failed"), (2, "failed"), (3, "failed")], state
 
-    _failed_once(await _ended(api, not_url), "bad_payload")
-    _failed_once(await _ended(api, not_str), "bad_payload")
+    _failed_once(await api.ended(not_url), "bad_payload")
+    _failed_once(await api.ended(not_str), "bad_payload")
     assert set(hits) == {"/bytes/1234", "/status/404"}  # the bad payloads fetched nothing
     await api.close()
 
@@ -281,33 +261,33 @@ async def test_unfixable_errors_are_never_retried_and_max_retries_on_the_task_wi
     c = handlers_cluster
     api = TrackerApi(c.tracker_url)
     never = {
-        "unknown_kind": await _submit(c, kind="ghost", payload=1, max_retries=3),
-        "bad_payload": await _submit(c, kind="sleep", payload="soon", max_retries=3),
-        "result_not_json": await _submit(c, kind="not_json", max_retries=3),
-        "result_not_json (sync)": await _submit(c, kind="not_sendable", max_retries=3),
+        "unknown_kind": await submit_task(c, kind="ghost", payload=1, max_retries=3),
+        "bad_payload": await submit_task(c, kind="sleep", payload="soon", max_retries=3),
+        "result_not_json": await submit_task(c, kind="not_json", max_retries=3),
+        "result_not_json (sync)": await submit_task(c, kind="not_sendable", max_retries=3),
     }
-    flaky_once = await _submit(c, kind="flaky", payload=99, max_retries=1)
-    flaky_never = await _submit(c, kind="flaky", payload=99, max_retries=0)
-    flaky_default = await _submit(c, kind="flaky", payload=1)  # kind default: 3 retries
-    failing = await _submit(c, kind="fail", payload="again", max_retries=1)
+    flaky_once = await submit_task(c, kind="flaky", payload=99, max_retries=1)
+    flaky_never = await submit_task(c, kind="flaky", payload=99, max_retries=0)
+    flaky_default = await submit_task(c, kind="flaky", payload=1)  # kind default: 3 retries
+    failing = await submit_task(c, kind="fail", payload="again", max_retries=1)
 
     for label, task_id in never.items():
-        state = await _ended(api, task_id)
+        state = await api.ended(task_id)
         _failed_once(state, label.split()[0])
     assert "set" in (await api.task(never["result_not_json"]))["error"]["message"]
     assert "generator" in (await api.task(never["result_not_json (sync)"]))["error"]["message"]
 
-    state = await _ended(api, flaky_once)
+    state = await api.ended(flaky_once)
     assert state["status"] == "failed" and state["error"]["type"] == "flaky", state
     assert _attempts(state) == [(1, "failed"), (2, "failed")], state
 
-    _failed_once(await _ended(api, flaky_never), "flaky")
+    _failed_once(await api.ended(flaky_never), "flaky")
 
-    state = await _ended(api, flaky_default)
+    state = await api.ended(flaky_default)
     assert state["status"] == "completed" and state["result"] == 2, state
     assert _attempts(state) == [(1, "failed"), (2, "completed")], state
 
-    state = await _ended(api, failing)
+    state = await api.ended(failing)
     assert state["status"] == "failed" and state["error"]["type"] == "requested_failure"
     assert _attempts(state) == [(1, "failed"), (2, "failed")], state
     await api.close()
@@ -323,8 +303,8 @@ async def test_an_attempt_that_times_out_is_retried_and_the_retry_succeeds(
     api = TrackerApi(c.tracker_url)
     async with _retrying_events(c) as retrying:
         # Attempt 1 would block 60 s; its timeout is 1 s. Attempt 2 answers at once.
-        task_id = await _submit(c, kind="slow_first", payload=60, timeout_s=1, max_retries=1)
-        state = await _ended(api, task_id)
+        task_id = await submit_task(c, kind="slow_first", payload=60, timeout_s=1, max_retries=1)
+        state = await api.ended(task_id)
     assert state["status"] == "completed", state
     assert state["result"] == 2
     assert _attempts(state) == [(1, "failed"), (2, "completed")], state

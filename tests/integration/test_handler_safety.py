@@ -20,34 +20,14 @@ from typing import Any
 import httpx
 import psutil
 import pytest
-from helpers import TrackerApi, eventually, report
+from helpers import TrackerApi, eventually, report, submit_task
 
 from leveret.builtin_shell import OUTPUT_LIMIT, SAFE_PATH
 from leveret.cli.procs import Cluster
 
 pytestmark = pytest.mark.broker
 
-ENDED = ("completed", "failed", "cancelled")
 OPEN_MAX_BYTES = 64 * 1024  # the allowing worker's LEVERET_HTTP_MAX_BYTES
-
-
-async def _submit(cluster: Cluster, **task: Any) -> str:
-    async with httpx.AsyncClient(base_url=cluster.scheduler_url, timeout=10) as http:
-        r = await http.post("/tasks", json=task)
-    assert r.status_code == 202, r.text
-    return str(r.json()["id"])
-
-
-async def _ended(api: TrackerApi, task_id: str, timeout_s: float = 30) -> dict[str, Any]:
-    state: dict[str, Any] = {}
-
-    async def ended() -> bool:
-        nonlocal state
-        state = await api.task(task_id)
-        return state.get("status") in ENDED
-
-    await eventually(ended, timeout_s, f"task {task_id} to end", interval_s=0.1)
-    return state
 
 
 def _failed(state: dict[str, Any], error_type: str) -> str:
@@ -171,45 +151,50 @@ async def test_http_refuses_local_addresses_unless_allowed_and_bounds_every_fetc
         "loopback (mapped)": f"http://[::ffff:127.0.0.1]:{port}/ok?mapped",
         "link-local": "http://169.254.169.254/latest/meta-data/",
     }
-    refused = {what: await _submit(c, kind="http", payload=url) for what, url in guarded.items()}
-    hop = await _submit(c, kind="http", pool="open", payload=f"{base}/hop")
-    to_metadata = await _submit(c, kind="http", pool="open", payload=f"{base}/to-metadata")
-    loop = await _submit(c, kind="http", pool="open", payload=f"{base}/loop/0")
-    endless = await _submit(c, kind="http", pool="open", payload=f"{base}/endless")
-    slow_payload = await _submit(
-        c, kind="http", pool="open", payload={"url": f"{base}/slow?payload", "timeout_s": 1}
+    refused = {
+        what: await submit_task(c, kind="http", payload=url) for what, url in guarded.items()
+    }
+    hop = await submit_task(c, kind="http", pool="open", payload=f"{base}/hop")
+    to_metadata = await submit_task(c, kind="http", pool="open", payload=f"{base}/to-metadata")
+    loop = await submit_task(c, kind="http", pool="open", payload=f"{base}/loop/0")
+    endless = await submit_task(c, kind="http", pool="open", payload=f"{base}/endless")
+    slow_payload = await submit_task(
+        c,
+        kind="http",
+        pool="open",
+        payload={"url": f"{base}/slow?payload", "timeout_s": 1},
     )
-    slow_task = await _submit(c, kind="http", pool="open", payload=f"{base}/slow", timeout_s=2)
+    slow_task = await submit_task(c, kind="http", pool="open", payload=f"{base}/slow", timeout_s=2)
 
     for what, task_id in refused.items():
-        message = _failed(await _ended(api, task_id), "http_forbidden_address")
+        message = _failed(await api.ended(task_id, 30), "http_forbidden_address")
         assert what.split(" (")[0] in message and "LEVERET_HTTP_ALLOW" in message, message
     assert not [path for path in served.hits if "guarded" in path or "by-name" in path]
     assert not [path for path in served.hits if "mapped" in path]
 
-    state = await _ended(api, hop)
+    state = await api.ended(hop, 30)
     assert state["status"] == "completed", state
     assert state["result"]["status"] == 200 and state["result"]["bytes"] == len(b"hello")
     assert state["result"]["url"] == f"{base}/ok"
 
-    message = _failed(await _ended(api, to_metadata), "http_forbidden_address")
+    message = _failed(await api.ended(to_metadata, 30), "http_forbidden_address")
     assert "169.254.169.254" in message and "link-local" in message
 
-    message = _failed(await _ended(api, loop), "http_too_many_redirects")
+    message = _failed(await api.ended(loop, 30), "http_too_many_redirects")
     assert "more than 5 redirects" in message
     assert sorted(p for p in served.hits if p.startswith("/loop/")) == [
         f"/loop/{n}" for n in range(6)
     ]
 
-    state = await _ended(api, endless)
+    state = await api.ended(endless, 30)
     message = _failed(state, "http_too_large")
     assert f"{OPEN_MAX_BYTES} bytes" in message and "LEVERET_HTTP_MAX_BYTES" in message
 
-    state = await _ended(api, slow_payload)
+    state = await api.ended(slow_payload, 30)
     assert "within 1 s" in _failed(state, "http_timeout")
     payload_s = _ran_s(state)
     assert 1.0 <= payload_s < 5, payload_s
-    state = await _ended(api, slow_task)
+    state = await api.ended(slow_task, 30)
     _failed(state, "http_timeout")  # the task's timeout_s bounds the fetch, and says so
     task_s = _ran_s(state)
     assert 1.5 <= task_s < 10, task_s  # at its deadline (1.8 s), not after 300 s
@@ -279,13 +264,13 @@ async def test_shell_has_a_clean_environment_capped_output_and_leaves_no_process
 
         await eventually(shell_known, 20, "the scheduler to learn `shell`")
 
-    env_task = await _submit(c, kind="shell", payload="env")
-    loud = await _submit(c, kind="shell", payload="head -c 1000000 /dev/zero | tr '\\0' x")
+    env_task = await submit_task(c, kind="shell", payload="env")
+    loud = await submit_task(c, kind="shell", payload="head -c 1000000 /dev/zero | tr '\\0' x")
     cancelled_pids, timed_out_pids = tmp_path / "cancelled.pids", tmp_path / "timed-out.pids"
-    to_cancel = await _submit(c, kind="shell", payload=_spawner(cancelled_pids))
-    to_time_out = await _submit(c, kind="shell", payload=_spawner(timed_out_pids), timeout_s=3)
+    to_cancel = await submit_task(c, kind="shell", payload=_spawner(cancelled_pids))
+    to_time_out = await submit_task(c, kind="shell", payload=_spawner(timed_out_pids), timeout_s=3)
 
-    state = await _ended(api, env_task)
+    state = await api.ended(env_task, 30)
     assert state["status"] == "completed", state
     seen = dict(line.split("=", 1) for line in state["result"]["stdout"].splitlines())
     assert seen["PATH"] == SAFE_PATH
@@ -294,7 +279,7 @@ async def test_shell_has_a_clean_environment_capped_output_and_leaves_no_process
     assert "amqp://" not in state["result"]["stdout"]
     assert not [name for name in seen if name.startswith("LEVERET_")], seen
 
-    state = await _ended(api, loud)
+    state = await api.ended(loud, 30)
     assert state["status"] == "completed", state
     stdout = state["result"]["stdout"]
     marker = f"[truncated: the first {1_000_000 - OUTPUT_LIMIT} of 1000000 bytes dropped]\n"
@@ -305,7 +290,7 @@ async def test_shell_has_a_clean_environment_capped_output_and_leaves_no_process
     async with httpx.AsyncClient(base_url=c.scheduler_url, timeout=10) as http:
         r = await http.delete(f"/tasks/{to_cancel}")
     assert r.status_code == 202, r.text
-    state = await _ended(api, to_cancel)
+    state = await api.ended(to_cancel, 30)
     assert state["status"] == "cancelled", state
 
     async def none_left(pid_file: Path) -> bool:
@@ -314,7 +299,7 @@ async def test_shell_has_a_clean_environment_capped_output_and_leaves_no_process
     await eventually(lambda: none_left(cancelled_pids), 10, "the cancelled command's processes")
 
     await _pids_written(timed_out_pids)
-    state = await _ended(api, to_time_out)
+    state = await api.ended(to_time_out, 30)
     assert _failed(state, "timeout")
     await eventually(lambda: none_left(timed_out_pids), 10, "the timed-out command's processes")
     await api.close()
