@@ -9,7 +9,6 @@ import gc
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Generator
-from pathlib import Path
 from typing import Any, TypeVar
 
 import uvicorn
@@ -17,7 +16,7 @@ from loguru import logger
 
 from leveret.errors import LeveretError
 from leveret.log import configure
-from leveret.settings import CommonSettings
+from leveret.settings import ApiSettings, CommonSettings
 
 S = TypeVar("S", bound=CommonSettings)
 
@@ -31,17 +30,15 @@ class HttpServer(uvicorn.Server):
         yield
 
 
-def http_server(
-    app: Any, host: str, port: int, *, cert_file: Path | None = None, key_file: Path | None = None
-) -> HttpServer:
-    """A uvicorn server for `app`, logging through loguru, without access logs; HTTPS
-    with `cert_file` and `key_file`."""
+def http_server(app: Any, settings: ApiSettings) -> HttpServer:
+    """A uvicorn server for `app` on the settings' host and port, logging through
+    loguru, without access logs; HTTPS when the settings name a certificate and key."""
     config = uvicorn.Config(
         app,
-        host=host,
-        port=port,
-        ssl_certfile=cert_file,
-        ssl_keyfile=key_file,
+        host=settings.host,
+        port=settings.port,
+        ssl_certfile=settings.tls_cert_file,
+        ssl_keyfile=settings.tls_key_file,
         log_config=None,
         access_log=False,
         lifespan="off",

@@ -135,6 +135,7 @@ class ApiSettings(CommonSettings):
         default="127.0.0.1",
         description="Bind address; anything but loopback needs API tokens or `insecure`.",
     )
+    port: int = 8080  # the scheduler's; the tracker's default is 8081
     api_tokens: SecretStr | None = Field(
         default=None,
         description="`token:scope,scope;token2:scope` (submit, read, cancel, admin).",

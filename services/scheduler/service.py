@@ -82,13 +82,7 @@ async def run(
             body_timeout_s=settings.http_body_timeout_s,
             access=access,
         )
-        server = http_server(
-            app,
-            settings.host,
-            settings.port,
-            cert_file=settings.tls_cert_file,
-            key_file=settings.tls_key_file,
-        )
+        server = http_server(app, settings)
 
         async with asyncio.TaskGroup() as group:
             flusher = group.create_task(admission.run(), name="admission")

@@ -82,13 +82,7 @@ async def run(
                 consuming=lambda: consumer.running and dead_letters.running,
                 access=access,
             )
-            server = http_server(
-                app,
-                settings.host,
-                settings.port,
-                cert_file=settings.tls_cert_file,
-                key_file=settings.tls_key_file,
-            )
+            server = http_server(app, settings)
             async with asyncio.TaskGroup() as group:
                 await replies.start(connection)
                 await consumer.start(connection)
