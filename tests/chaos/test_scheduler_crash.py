@@ -13,15 +13,17 @@ aio-pika producer never sends a submission without an id.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import re
 import signal
+import sqlite3
 import threading
+import time
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import aio_pika
@@ -51,6 +53,9 @@ BACKLOG = 400  # submissions queued behind the frozen scheduler before each kill
 #: How long the scheduler stays dead: the fault itself, not a synchronisation.
 DOWNTIME_S = 3.0
 PUBLISHERS = 8  # producer connections, each waiting for every confirm
+#: The scheduler's intake prefetch here: on a thaw the broker hands it this many at
+#: once, so the ready count drops by that much before any is admitted.
+PREFETCH = 64
 TERMINAL = {s.value for s in TERMINAL_STATUSES}
 
 
@@ -126,6 +131,26 @@ def _submission(i: int, inbox: str) -> tuple[bytes, pika.BasicProperties]:
     return json.dumps(body).encode(), properties
 
 
+def _kill_on_claim(store: Path, scheduler: Service, timeout_s: float) -> None:
+    """SIGKILL `scheduler` as soon as its store holds a committed, undispatched claim
+    of a submission without an id (polled every millisecond, read-only)."""
+    db = sqlite3.connect(f"file:{store}?mode=ro", uri=True, timeout=5)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            found = db.execute(
+                "SELECT 1 FROM submissions WHERE state = 'claimed' "
+                "AND intake_key IS NOT NULL LIMIT 1"
+            ).fetchone()
+            if found:
+                scheduler.send(signal.SIGKILL)
+                return
+            time.sleep(0.001)  # a polling interval, not a synchronisation
+        scheduler.send(signal.SIGKILL)  # admitted nothing in time: the check says so
+    finally:
+        db.close()
+
+
 async def _kill_mid_admission(
     cluster: Cluster,
     scheduler: Service,
@@ -136,10 +161,11 @@ async def _kill_mid_admission(
     """SIGKILL the scheduler while it has id-less submissions claimed and not yet acked;
     return the restarted scheduler and the confirmed count at each kill.
 
-    The kill lands in that window when the scheduler is saturated, admitting batch
-    after batch: so it is frozen while a backlog builds, thawed, and killed once it is
-    visibly working through it. If even so the kill fell between two batches (no
-    redelivery found its first task), the restarted one is killed the same way.
+    The scheduler is frozen while a backlog builds and thawed; a thread watching its
+    store (SQLite in WAL mode: a reader sees each commit) kills it the moment a claim
+    of an id-less submission is committed and not yet marked dispatched, so its
+    delivery is unacked. If the redeliveries still matched nothing, the restarted
+    one is killed the same way while work is left.
     """
 
     async def backlog() -> int:
@@ -155,30 +181,33 @@ async def _kill_mid_admission(
             return publishing.done() or await backlog() >= start + BACKLOG
 
         await eventually(built, 60, f"a backlog of {BACKLOG} behind a frozen scheduler")
-        restarted.send(signal.SIGCONT)
-        peak = await backlog()
-        if peak == 0:
+        if await backlog() == 0:
+            restarted.send(signal.SIGCONT)
             break  # nothing left to admit: no kill can catch anything
-
-        async def working(start: int = peak) -> bool:
-            return await backlog() <= start - BACKLOG // 4
-
-        await eventually(working, 60, "the thawed scheduler admitting its backlog")
-        restarted.send(signal.SIGKILL)
+        store = cluster.workdir / "data" / "scheduler.db"
+        killer = asyncio.ensure_future(asyncio.to_thread(_kill_on_claim, store, restarted, 60.0))
+        restarted.send(signal.SIGCONT)
+        await killer
         kills.append(confirmed())
         await asyncio.sleep(DOWNTIME_S)
         restarted = await asyncio.to_thread(cluster.start_scheduler)
 
-        async def matched(proc: Service = restarted) -> bool:
+        def matched(proc: Service = restarted) -> bool:
             return "redelivered submission is task" in proc.log()
 
-        with contextlib.suppress(TimeoutError):
-            await eventually(matched, 5, "a redelivery matched to its first task")
+        async def settled(proc: Service = restarted, start: int = await backlog()) -> bool:
+            # Redeliveries come first: once it took more than a prefetch of the rest,
+            # every one of them was seen. If none matched, kill again while work is left.
+            return matched(proc) or await backlog() <= max(0, start - PREFETCH - BACKLOG // 4)
+
+        await eventually(settled, 60, "the restarted scheduler past its redeliveries")
+        if matched():
             break
     return restarted, kills
 
 
 async def test_scheduler_killed_mid_intake_admits_each_submission_once(cluster: Cluster) -> None:
+    cluster.extra_env["LEVERET_INTAKE_PREFETCH"] = str(PREFETCH)
     cluster.start_tracker()
     scheduler = cluster.start_scheduler()
     for name in ("w1", "w2"):
