@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from leveret.worker.runner import provably_not_fenced
+from leveret.worker.session import provably_not_fenced
 
 
 @pytest.mark.parametrize(
