@@ -31,6 +31,7 @@ import importlib
 import json
 import os
 import platform
+import select
 import signal
 import statistics
 import subprocess
@@ -64,8 +65,8 @@ DRAMATIQ_THREADS = 8
 #: The light path: one task at a time, paced at this rate for this long.
 LIGHT_RATE = 50
 LIGHT_SECONDS = 10
-#: How many tasks the flood sends between two non-blocking looks for results.
-DRAIN_EVERY = 100
+#: How often the Dramatiq flood looks for results while it sends, seconds.
+LOOK_EVERY_S = 0.005
 #: Deadlines, seconds.
 READY_TIMEOUT = 120
 RESULT_TIMEOUT = 600
@@ -111,6 +112,8 @@ class Measured:
     tasks: int
     seconds: float
     latencies_s: list[float]
+    #: First send to last send (the flood), when the producer's own pace matters.
+    send_seconds: float | None = None
 
 
 @dataclass
@@ -132,6 +135,7 @@ class Result:
             "mode": "light" if self.path.endswith("-light") else "flood",
             "tasks": m.tasks,
             "seconds": round(m.seconds, 4),
+            "send_seconds": None if m.send_seconds is None else round(m.send_seconds, 4),
             "tasks_per_s": round(m.tasks / m.seconds, 1),
             "latency_ms": {
                 f"p{p}": round(percentile(m.latencies_s, p) * 1000, 2) for p in (50, 95, 99)
@@ -426,16 +430,28 @@ class CeleryPeer:
                 if result.get(timeout=min(1.0, left)) == "ping":
                     return
 
-    def _drain_nowait(self, arrived: dict[str, float]) -> None:
-        """Let the result consumer take what already arrived, without waiting."""
+    def _drain_nowait(self) -> None:
+        """Let the result consumer take every reply already received, without waiting.
+
+        Called after every send, so it first asks the socket whether anything came, which
+        costs a system call. The Redis backend reads one pub/sub message per call (a result
+        or the confirmation of a subscription); the rpc backend's AMQP connection reads one
+        frame per call, and reads no more from the socket than that frame.
+        """
         consumer = self.app.backend.result_consumer
-        while True:
-            before = len(arrived)
+        pubsub = getattr(consumer, "_pubsub", None)
+        if pubsub is not None:
+            while pubsub.connection is not None and pubsub.connection.can_read(timeout=0):
+                consumer.drain_events(timeout=0)
+            return
+        connection = getattr(consumer, "_connection", None)
+        if connection is None:
+            return
+        sock = connection.connection.sock
+        while sock is not None and select.select([sock], [], [], 0)[0]:
             try:
                 consumer.drain_events(timeout=0.001)
             except (TimeoutError, BlockingIOError):
-                return
-            if len(arrived) == before:
                 return
 
     def flood(self, n: int) -> Measured:
@@ -447,15 +463,19 @@ class CeleryPeer:
         def on_ready(result: Any) -> None:
             arrived.setdefault(result.id, time.perf_counter())
 
-        start = time.perf_counter()
+        start = sent_all = time.perf_counter()
         for i in range(n):
-            t0 = time.perf_counter()
-            result = self.echo.apply_async((i,))
-            sent[result.id] = t0
+            # The result is awaited before the task is sent: the Redis backend learns of a
+            # result through a subscription, and one that came before it would only be
+            # seen (and timed) when the producer gets to it.
+            result = self.echo.AsyncResult(str(uuid.uuid4()))
             result.then(on_ready)
+            t0 = time.perf_counter()
+            self.echo.apply_async((i,), task_id=result.id)
+            sent[result.id] = t0
+            sent_all = time.perf_counter()
             results.append(result)
-            if i % DRAIN_EVERY == DRAIN_EVERY - 1:
-                self._drain_nowait(arrived)
+            self._drain_nowait()
         end = time.monotonic() + RESULT_TIMEOUT
         for i, result in enumerate(results):
             value = result.get(timeout=max(1.0, end - time.monotonic()))
@@ -464,7 +484,8 @@ class CeleryPeer:
         last = max(arrived.values())
         if len(arrived) != n:
             raise RuntimeError(f"{n - len(arrived)} results were not seen arriving")
-        return Measured(n, last - start, [arrived[k] - sent[k] for k in sent])
+        latencies = [arrived[k] - sent[k] for k in sent]
+        return Measured(n, last - start, latencies, sent_all - start)
 
     def light(self) -> Measured:
         """One task at a time, paced at LIGHT_RATE per second for LIGHT_SECONDS."""
@@ -524,12 +545,14 @@ class DramatiqPeer:
                     return
                 arrived.append(time.perf_counter())
 
-        start = time.perf_counter()
+        start = sent_all = looked = time.perf_counter()
         for i in range(n):
             sent.append(time.perf_counter())
             messages.append(self.echo.send(i))
-            if i % DRAIN_EVERY == DRAIN_EVERY - 1:
+            sent_all = time.perf_counter()
+            if sent_all - looked >= LOOK_EVERY_S:
                 take_ready()
+                looked = time.perf_counter()
         end = time.monotonic() + RESULT_TIMEOUT
         for i in range(len(arrived), n):
             left_ms = int(max(1.0, end - time.monotonic()) * 1000)
@@ -537,7 +560,8 @@ class DramatiqPeer:
             arrived.append(time.perf_counter())
             if value != i:
                 raise RuntimeError(f"task {i} returned {value!r}")
-        return Measured(n, arrived[-1] - start, [b - a for a, b in zip(sent, arrived, strict=True)])
+        latencies = [b - a for a, b in zip(sent, arrived, strict=True)]
+        return Measured(n, arrived[-1] - start, latencies, sent_all - start)
 
     def light(self) -> Measured:
         """One message at a time, paced at LIGHT_RATE per second for LIGHT_SECONDS."""

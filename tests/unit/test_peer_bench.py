@@ -85,6 +85,7 @@ def test_a_result_carries_the_keys_the_readme_documents(peers: ModuleType) -> No
         "mode",
         "tasks",
         "seconds",
+        "send_seconds",
         "tasks_per_s",
         "latency_ms",
         "cpu_s",
