@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -31,6 +31,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
+from leveret.batching import chunks as chunks  # the one chunking helper, re-exported
 from leveret.errors import BrokerError, PublishError
 from leveret.tls import AmqpTls
 
@@ -292,9 +293,3 @@ def header_str(message: AbstractIncomingMessage, name: str) -> str | None:
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
     return str(value)
-
-
-def chunks(items: Sequence[T], size: int) -> Iterable[Sequence[T]]:
-    """Consecutive slices of at most `size` items."""
-    for start in range(0, len(items), size):
-        yield items[start : start + size]

@@ -195,7 +195,12 @@ class SchedulerSettings(ApiSettings):
         description="Seconds a request body may take to arrive whole; past it 408.",
     )
     batch_max: int = Field(default=256, ge=1)
-    batch_wait_ms: float = Field(default=2.0, ge=0)
+    batch_wait_ms: float = Field(
+        default=0.0,
+        ge=0,
+        description="How long admission waits for more submissions after the first; 0: "
+        "a batch is what arrived while the previous one was being admitted.",
+    )
     kinds: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Extra task kinds to accept besides built-ins and those workers announce.",
@@ -231,7 +236,12 @@ class TrackerSettings(ApiSettings):
     )
     prefetch: int = Field(default=2000, ge=1)
     batch_max: int = Field(default=1000, ge=1)
-    batch_wait_ms: float = Field(default=20.0, ge=0)
+    batch_wait_ms: float = Field(
+        default=0.0,
+        ge=0,
+        description="How long the tracker waits for more messages after the first; 0: "
+        "a batch is what arrived while the previous one was being written.",
+    )
     heartbeat_timeout_s: float = Field(
         default=3.0,
         gt=0,

@@ -14,7 +14,7 @@ namespace: ``leveret.submit``, ``leveret.results``, ``leveret.events``.
                              --<pool>.req.<a>+<b>--> leveret.work.<pool>.req.<a>+<b>
                                  (tasks that require capabilities a and b)
     leveret.results (topic, <status>.<pool>.<kind>) --#--> leveret.tracker (quorum)
-    leveret.events  (topic, task.* / worker.*)      --#--> leveret.tracker
+    leveret.events  (topic, task.* / worker.*)      --(all but task.ended/cancel)--> leveret.tracker
                     --task.ended--> leveret.scheduler.outcomes (quorum; the tracker's
                                     committed outcomes release blocked tasks)
                     --task.cancel--> leveret.cancellations (stream, 1 day, 32 MiB; every
@@ -60,6 +60,17 @@ RK_WORKER_STARTED = "worker.started"
 RK_WORKER_HEARTBEAT = "worker.heartbeat"
 RK_WORKER_STOPPED = "worker.stopped"
 RK_SCHEDULER_STARTED = "scheduler.started"
+#: What the tracker records from the events exchange: not its own `task.ended` (for the
+#: scheduler), `task.cancel` (for workers) or `scheduler.started` (for workers), which
+#: would each cost it a delivery and a transaction that changes nothing.
+TRACKER_EVENT_KEYS = (
+    RK_TASKS_ACCEPTED,
+    RK_TASKS_STARTED,
+    RK_TASK_RETRYING,
+    RK_TASK_RETURNED,
+    RK_TASK_PROGRESS,
+    "worker.*",
+)
 #: Routing keys on the dead-letter exchange.
 RK_REJECTED = "rejected"
 RK_POISON = "poison"
@@ -356,7 +367,10 @@ class Topology:
         await intake.bind(ex[self.submit_exchange], "#")
         tracker = await self.tracker.declare(channel)
         await tracker.bind(ex[self.results_exchange], "#")
-        await tracker.bind(ex[self.events_exchange], "#")
+        for key in TRACKER_EVENT_KEYS:
+            await tracker.bind(ex[self.events_exchange], key)
+        # Brokers set up by leveret 0.1 bound every event (`#`); unbinding is a no-op after.
+        await tracker.unbind(ex[self.events_exchange], "#")
         rejected = await self.rejected.declare(channel)
         await rejected.bind(ex[self.dead_exchange], RK_REJECTED)
         dead = await self.dead_letters.declare(channel)

@@ -27,7 +27,7 @@ from loguru import logger
 from pydantic import JsonValue, ValidationError
 
 from leveret.amqp import map_broker_errors
-from leveret.batching import fill_batch
+from leveret.batching import chunks, fill_batch
 from leveret.contracts import (
     DEFAULT_PRIORITY,
     MAX_EDGES_PER_REQUEST,
@@ -289,7 +289,7 @@ class Admission:
         dispatcher: Dispatcher,
         *,
         batch_max: int = 256,
-        batch_wait_ms: float = 2.0,
+        batch_wait_ms: float = 0.0,
         on_delayed: Callable[[datetime], None] = lambda _: None,
         on_blocked: Callable[[Sequence[str]], None] = lambda _: None,
         pools: PoolCatalog | None = None,
@@ -321,8 +321,7 @@ class Admission:
         only the gap between the confirm and the "dispatched" mark): those run twice,
         which at-least-once allows; the tracker records one outcome and one reply."""
         leftovers = await self.store.undispatched()
-        for start in range(0, len(leftovers), self.batch_max):
-            part = leftovers[start : start + self.batch_max]
+        for part in chunks(leftovers, self.batch_max):
             await self.dispatcher.send(part)
             await self.store.mark_dispatched(s.id for s in part)
         if leftovers:

@@ -62,7 +62,7 @@ class Outcomes:
         *,
         prefetch: int = 1000,
         batch_max: int = 500,
-        batch_wait_ms: float = 5.0,
+        batch_wait_ms: float = 0.0,
         roles: RoleUsers | None = None,
     ) -> None:
         """`roles` says who may send outcomes (default: anyone)."""

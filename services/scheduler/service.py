@@ -102,7 +102,8 @@ async def run(
             tag = await intake_queue.consume(intake.on_message)
             events = declared.exchange(settings.topology.events_exchange)
             hello = stamp_sender(events, json_message(SchedulerStarted(), persistent=False))
-            await events.publish(hello, RK_SCHEDULER_STARTED)
+            # for the workers that listen (none may run yet: not mandatory)
+            await events.publish(hello, RK_SCHEDULER_STARTED, mandatory=False)
             http = group.create_task(server.serve(), name="http")
             if await wait_started(server, stop):
                 logger.info(

@@ -41,6 +41,7 @@ from typing import Any
 from sqlalchemy import Connection, bindparam, delete, func, inspect, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from leveret.batching import chunks
 from leveret.contracts import TaskMessage, TaskStatus, utcnow
 from leveret.db import UtcDateTime, add_missing_columns, create_engine, insert_for, map_db_errors
 from leveret.scheduler.holds import HOLD_THRESHOLD_S, ParentOutcome
@@ -124,11 +125,6 @@ class Ending:
     status: TaskStatus
     error_type: str
     message: str
-
-
-def _chunks(ids: Sequence[str]) -> Iterable[Sequence[str]]:
-    for start in range(0, len(ids), _IN_CHUNK):
-        yield ids[start : start + _IN_CHUNK]
 
 
 #: How :meth:`SubmissionStore.blocked` reports a parent no longer in the store.
@@ -248,7 +244,7 @@ class SubmissionStore:
 
     async def _existing(self, conn: AsyncConnection, ids: Sequence[str]) -> dict[str, Existing]:
         found: dict[str, Existing] = {}
-        for part in _chunks(ids):
+        for part in chunks(ids, _IN_CHUNK):
             for row in await conn.execute(select(*_ROW).where(submissions.c.id.in_(part))):
                 found[row.id] = Existing(row.id, row.state, _submission(row))
         return found
@@ -272,7 +268,7 @@ class SubmissionStore:
         if not id_list:
             return
         async with self.engine.begin() as conn:
-            for part in _chunks(id_list):
+            for part in chunks(id_list, _IN_CHUNK):
                 await conn.execute(
                     update(submissions)
                     .where(submissions.c.id.in_(part), submissions.c.intake_key.is_not(None))
@@ -299,7 +295,7 @@ class SubmissionStore:
         if not id_list:
             return
         async with self.engine.begin() as conn:
-            for part in _chunks(id_list):
+            for part in chunks(id_list, _IN_CHUNK):
                 await conn.execute(
                     update(submissions).where(submissions.c.id.in_(part)).values(state=state)
                 )
@@ -395,7 +391,7 @@ class SubmissionStore:
 
     async def _waiting_children(self, conn: AsyncConnection, parents: Sequence[str]) -> list[str]:
         found: set[str] = set()
-        for part in _chunks(sorted(set(parents))):
+        for part in chunks(sorted(set(parents)), _IN_CHUNK):
             query = (
                 select(edges.c.child)
                 .join(submissions, submissions.c.id == edges.c.child)
@@ -427,7 +423,7 @@ class SubmissionStore:
         """These tasks, those still blocked, each with its parents' outcomes so far."""
         result: list[Blocked] = []
         async with self.engine.connect() as conn:
-            for part in _chunks(sorted(set(ids))):
+            for part in chunks(sorted(set(ids)), _IN_CHUNK):
                 query = select(*_ROW).where(
                     submissions.c.id.in_(part), submissions.c.state == BLOCKED
                 )
@@ -444,7 +440,7 @@ class SubmissionStore:
         self, conn: AsyncConnection, ids: Sequence[str]
     ) -> dict[str, ParentOutcome]:
         found: dict[str, ParentOutcome] = {}
-        for part in _chunks(ids):
+        for part in chunks(ids, _IN_CHUNK):
             query = select(submissions.c.id, submissions.c.outcome, submissions.c.error_type).where(
                 submissions.c.id.in_(part)
             )
@@ -464,7 +460,7 @@ class SubmissionStore:
         out: list[Submission] = []
         later: list[Submission] = []
         async with self.engine.begin() as conn:
-            for part in _chunks(sorted(set(ids))):
+            for part in chunks(sorted(set(ids)), _IN_CHUNK):
                 stmt = (
                     update(submissions)
                     .where(submissions.c.id.in_(part), submissions.c.state == BLOCKED)
@@ -591,7 +587,7 @@ class SubmissionStore:
             ]
             needed = await self._parents_of_held(conn, settled)
             doomed = [i for i in settled if i not in needed]
-            for part in _chunks(doomed):
+            for part in chunks(doomed, _IN_CHUNK):
                 await conn.execute(delete(submissions).where(submissions.c.id.in_(part)))
                 await conn.execute(delete(edges).where(edges.c.child.in_(part)))
                 await conn.execute(delete(edges).where(edges.c.parent.in_(part)))
@@ -603,7 +599,7 @@ class SubmissionStore:
         """Those of `ids` with a dependant not yet dispatched or ended."""
         child = submissions.alias("child")
         found: set[str] = set()
-        for part in _chunks(ids):
+        for part in chunks(ids, _IN_CHUNK):
             query = (
                 select(edges.c.parent)
                 .join(child, child.c.id == edges.c.child)

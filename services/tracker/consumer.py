@@ -54,17 +54,18 @@ from leveret.amqp import (
     Outgoing,
     ack_batch,
     channel_gone,
-    chunks,
     json_message,
     open_channel,
     publish_all,
     return_to_queue,
 )
-from leveret.batching import fill_batch
+from leveret.batching import chunks, fill_batch
 from leveret.contracts import (
     MAX_EVENT_BYTES,
     MAX_RESULT_BYTES,
+    CancelTask,
     EndedTask,
+    SchedulerStarted,
     TaskResult,
     TasksAccepted,
     TasksEnded,
@@ -100,6 +101,11 @@ MAX_USERS_PER_WORKER = 8
 MAX_WORKER_IDS = 10_000
 #: At most one log line per this many seconds about oversized messages.
 OVERSIZED_LOG_EVERY_S = 60.0
+
+
+def _records(message: TrackerMessage) -> bool:
+    """Whether applying `message` can change anything the tracker stores."""
+    return not isinstance(message, TasksEnded | CancelTask | SchedulerStarted)
 
 
 def message_type(message: TrackerMessage) -> str:
@@ -265,7 +271,8 @@ class Consumer:
                 return
 
     async def _next_batch(self) -> list[AbstractIncomingMessage]:
-        """Up to `batch_max` deliveries, waiting at most `batch_wait_ms` after the first."""
+        """Up to `batch_max` deliveries: what arrived while the last batch was written (and
+        up to `batch_wait_ms` more after the first, if set)."""
         if self._buffer.empty():
             self._idle = True
             try:
@@ -349,7 +356,11 @@ class Consumer:
 
     async def _process(self, batch: list[AbstractIncomingMessage]) -> None:
         decoded = await self._decode_all(batch)
-        if not decoded:
+        if not any(_records(m) for _, m in decoded):
+            # Nothing to write (e.g. events a broker set up by an earlier version still
+            # routes here): no transaction.
+            await ack_batch([d for d, _ in decoded])
+            self.applied += len(decoded)
             return
         # Tasks named by redelivered messages that can make a reply owed (a result, or
         # the announcement that brings `reply_to`): a tracker that died after their

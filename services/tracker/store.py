@@ -30,7 +30,7 @@ import asyncio
 import base64
 import contextlib
 from collections import defaultdict
-from collections.abc import AsyncIterator, Collection, Iterable, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
@@ -39,6 +39,7 @@ from loguru import logger
 from sqlalchemy import bindparam, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from leveret.batching import chunks
 from leveret.contracts import EndedTask, TaskStatus
 from leveret.db import create_engine, insert_for, map_db_errors
 from leveret.tracker.ledger import Ledger, TaskChange, load_ids
@@ -124,11 +125,6 @@ def decode_cursor(cursor: str) -> int:
         return int(number)
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidCursor(f"invalid cursor {cursor!r}") from exc
-
-
-def _chunks(ids: Sequence[str]) -> Iterable[Sequence[str]]:
-    for start in range(0, len(ids), _IN_CHUNK):
-        yield ids[start : start + _IN_CHUNK]
 
 
 class TrackerStore:
@@ -218,7 +214,7 @@ class TrackerStore:
         a task as `owed` writes it back over the mark."""
         marked = 0
         async with self._writing() as conn:
-            for part in _chunks(sorted(set(task_ids))):
+            for part in chunks(sorted(set(task_ids)), _IN_CHUNK):
                 done = await conn.execute(
                     update(tasks)
                     .where(tasks.c.id.in_(part), tasks.c.reply == ReplyState.OWED.value)
@@ -282,7 +278,7 @@ class TrackerStore:
     async def _load_tasks(self, conn: AsyncConnection, ids: list[str]) -> dict[str, TaskRecord]:
         rows: dict[str, Any] = {}
         history: dict[str, list[Attempt]] = defaultdict(list)
-        for part in _chunks(ids):
+        for part in chunks(ids, _IN_CHUNK):
             for row in await conn.execute(select(tasks).where(tasks.c.id.in_(part))):
                 rows[row.id] = row
             query = select(attempts).where(attempts.c.task_id.in_(part))
@@ -292,7 +288,7 @@ class TrackerStore:
 
     async def _load_workers(self, conn: AsyncConnection, ids: list[str]) -> dict[str, WorkerRecord]:
         loaded: dict[str, WorkerRecord] = {}
-        for part in _chunks(ids):
+        for part in chunks(ids, _IN_CHUNK):
             for row in await conn.execute(select(workers).where(workers.c.id.in_(part))):
                 loaded[row.id] = to_worker(row)
         return loaded
