@@ -215,14 +215,28 @@ def bench(
         "docs/benchmarks.md"
     ),
     paths: Annotated[
-        str, typer.Option(help="Comma-separated: raw,amqp,http,reply,single")
-    ] = "raw,amqp,http,reply,single",
+        str, typer.Option(help="Comma-separated: raw,amqp,http,raw-light,light")
+    ] = "raw,amqp,http,raw-light,light",
+    backlog: Annotated[
+        int,
+        typer.Option(
+            help="Also queue this many tasks with no worker and compare the scheduler's and "
+            "tracker's memory at 10k and at this many (0: skip; the goal is 1000000)"
+        ),
+    ] = 0,
 ) -> None:
     """Measure raw aio-pika against leveret end to end; append the figures to docs."""
     from leveret.cli.bench import run_bench
 
     chosen = tuple(p.strip() for p in paths.split(",") if p.strip())
-    code = run_bench(tasks=tasks, workers=workers, concurrency=concurrency, out=out, paths=chosen)
+    code = run_bench(
+        tasks=tasks,
+        workers=workers,
+        concurrency=concurrency,
+        out=out,
+        paths=chosen,
+        backlog=backlog,
+    )
     raise typer.Exit(code)
 
 
