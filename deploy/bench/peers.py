@@ -395,7 +395,6 @@ class CeleryPeer:
     """Producer side of a Celery set-up, with its worker."""
 
     def __init__(self, mode: str, env: dict[str, str], workdir: Path) -> None:
-        self.env = env
         self.module = load_module("peer_celery", env)
         self.app = self.module.app
         self.echo = self.module.echo
