@@ -21,7 +21,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
-from aio_pika.abc import AbstractIncomingMessage
+from aio_pika.abc import AbstractExchange, AbstractIncomingMessage
 from loguru import logger
 from pydantic import ValidationError
 
@@ -29,11 +29,11 @@ from leveret.amqp import (
     BROKER_EXCEPTIONS,
     UNCONFIRMED,
     Outgoing,
+    connection_user,
     delivery_count,
     json_message,
     publish_all,
     return_to_queue,
-    stamp_sender,
 )
 from leveret.contracts import (
     StartedTask,
@@ -67,9 +67,10 @@ CONFIRM_TIMEOUT_S = 30.0
 class Deliveries:
     """Receives, runs and settles the deliveries of one worker, across its sessions.
 
-    The session sets `declared` (the topology declared on its publishing channel) and
-    `handing_back` (a graceful stop gives deliveries back by a confirmed copy, rather
-    than a requeue that would spend the quorum queue's delivery count).
+    Each session attaches the topology it declared on its publishing channel
+    (:meth:`attach`) and sets `handing_back` when a graceful stop begins (deliveries
+    are then given back by a confirmed copy, rather than a requeue that would spend the
+    quorum queue's delivery count).
     """
 
     def __init__(
@@ -85,6 +86,8 @@ class Deliveries:
         self.cancelled = CancelledIds()  # from the cancellations stream
         self.declared: DeclaredTopology | None = None
         self.handing_back = False
+        self._results: AbstractExchange | None = None  # the session's results exchange
+        self._sender: str | None = None  # the session's user, stamped as `user_id`
         self.completed = 0
         self.failed = 0
         self.retried = 0
@@ -93,6 +96,14 @@ class Deliveries:
         self._executor = Executor(registry, settings.concurrency)
         self._gate = BandGate(settings.concurrency)
         self._rng = random.Random()
+
+    def attach(self, declared: DeclaredTopology) -> None:
+        """Publish through a new session's topology; look up once per session what every
+        result needs (its exchange, and the user the broker checks `user_id` against)."""
+        self.declared = declared
+        self.handing_back = False
+        self._results = declared.exchange(self.settings.topology.results_exchange)
+        self._sender = connection_user(self._results)
 
     def close(self) -> None:
         """Stop the handler threads and child processes."""
@@ -253,7 +264,7 @@ class Deliveries:
         producer's `reply_to` gets its one terminal reply from the tracker, for the
         outcome it records: a task that ran twice (a crash window, a frozen worker that
         woke) must not answer twice."""
-        assert self.declared is not None
+        assert self._results is not None
         fields: dict[str, Any] = {
             "id": task.id,
             "kind": task.kind,
@@ -269,12 +280,10 @@ class Deliveries:
             logger.info(
                 "task {} {}: {}: {}", task.id, result.status, err and err.type, err and err.message
             )
-        exchange = self.declared.exchange(self.settings.topology.results_exchange)
-        message = stamp_sender(
-            exchange, json_message(body, correlation_id=task.correlation_id or task.id)
-        )
+        message = json_message(body, correlation_id=task.correlation_id or task.id)
+        message.user_id = self._sender  # what stamp_sender sets, looked up once per session
         key = result_routing_key(result.status, task.pool, task.kind)
-        await exchange.publish(message, key, mandatory=True, timeout=CONFIRM_TIMEOUT_S)
+        await self._results.publish(message, key, mandatory=True, timeout=CONFIRM_TIMEOUT_S)
         return result.status
 
     async def _retry_later(

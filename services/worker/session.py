@@ -117,8 +117,7 @@ class Session:
         async with asyncio.TaskGroup() as group:
             beats = group.create_task(self._heartbeats(), name="heartbeats")
             flusher = group.create_task(self.reports.run(lambda: self.id), name="reports")
-            self.deliveries.declared = self._declared
-            self.deliveries.handing_back = False
+            self.deliveries.attach(self._declared)
             consumers = await self._consume(connection)
             await self._follow_requirements(connection, consumers)
             logger.info(
