@@ -43,7 +43,14 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from leveret.batching import chunks
 from leveret.contracts import TaskMessage, TaskStatus, utcnow
-from leveret.db import UtcDateTime, add_missing_columns, create_engine, insert_for, map_db_errors
+from leveret.db import (
+    Transactions,
+    UtcDateTime,
+    add_missing_columns,
+    create_engine,
+    insert_for,
+    map_db_errors,
+)
 from leveret.scheduler.holds import HOLD_THRESHOLD_S, ParentOutcome
 from leveret.scheduler.tables import (
     BLOCKED,
@@ -158,6 +165,7 @@ class SubmissionStore:
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
+        self._transactions = Transactions(engine)
 
     @classmethod
     async def open(cls, url: str) -> SubmissionStore:
@@ -176,7 +184,8 @@ class SubmissionStore:
         return cls(engine)
 
     async def close(self) -> None:
-        """Release the connection pool."""
+        """Release the connection pools."""
+        await self._transactions.close()
         await self.engine.dispose()
 
     # admission
@@ -201,51 +210,51 @@ class SubmissionStore:
         """Write every (submission, state) whose id is new, with its dependency edges;
         return the ones that already existed (also those another scheduler replica
         wrote meanwhile: each id is new to exactly one claim)."""
+        return await self._transactions.run(self._claim, list(items))
+
+    def _claim(self, conn: Connection, items: list[tuple[Submission, str]]) -> dict[str, Existing]:
         existing: dict[str, Existing] = {}
-        async with self.engine.begin() as conn:
-            existing.update(await self._existing(conn, [s.id for s, _ in items]))
-            now = utcnow()
-            fresh = [(s, state) for s, state in items if s.id not in existing]
-            if fresh:
-                write = (
-                    insert_for(self.engine, submissions)
-                    .on_conflict_do_nothing(index_elements=["id"])
-                    .returning(submissions.c.id)
-                )
-                result = await conn.execute(
-                    write,
-                    [
-                        {
-                            "id": s.id,
-                            "state": state,
-                            "envelope": s.message.model_dump_json(),
-                            "created_at": now,
-                            "run_at": s.run_at,
-                            "depends_on": json.dumps(list(s.depends_on)) if s.depends_on else None,
-                            "intake_key": s.intake_key,
-                            "owner": s.owner,
-                        }
-                        for s, state in fresh
-                    ],
-                )
-                written = set(result.scalars())
-                # Written by another replica since the SELECT (its commit let ours skip them).
-                existing.update(
-                    await self._existing(conn, [s.id for s, _ in fresh if s.id not in written])
-                )
-                fresh = [(s, state) for s, state in fresh if s.id in written]
-            links = [{"parent": p, "child": s.id} for s, _ in fresh for p in set(s.depends_on)]
-            if links:
-                stmt = insert_for(self.engine, edges).on_conflict_do_nothing(
-                    index_elements=["parent", "child"]
-                )
-                await conn.execute(stmt, links)
+        existing.update(self._existing(conn, [s.id for s, _ in items]))
+        now = utcnow()
+        fresh = [(s, state) for s, state in items if s.id not in existing]
+        if fresh:
+            write = (
+                insert_for(conn, submissions)
+                .on_conflict_do_nothing(index_elements=["id"])
+                .returning(submissions.c.id)
+            )
+            result = conn.execute(
+                write,
+                [
+                    {
+                        "id": s.id,
+                        "state": state,
+                        "envelope": s.message.model_dump_json(),
+                        "created_at": now,
+                        "run_at": s.run_at,
+                        "depends_on": json.dumps(list(s.depends_on)) if s.depends_on else None,
+                        "intake_key": s.intake_key,
+                        "owner": s.owner,
+                    }
+                    for s, state in fresh
+                ],
+            )
+            written = set(result.scalars())
+            # Written by another replica since the SELECT (its commit let ours skip them).
+            existing.update(self._existing(conn, [s.id for s, _ in fresh if s.id not in written]))
+            fresh = [(s, state) for s, state in fresh if s.id in written]
+        links = [{"parent": p, "child": s.id} for s, _ in fresh for p in set(s.depends_on)]
+        if links:
+            stmt = insert_for(conn, edges).on_conflict_do_nothing(
+                index_elements=["parent", "child"]
+            )
+            conn.execute(stmt, links)
         return existing
 
-    async def _existing(self, conn: AsyncConnection, ids: Sequence[str]) -> dict[str, Existing]:
+    def _existing(self, conn: Connection, ids: Sequence[str]) -> dict[str, Existing]:
         found: dict[str, Existing] = {}
         for part in chunks(ids, _IN_CHUNK):
-            for row in await conn.execute(select(*_ROW).where(submissions.c.id.in_(part))):
+            for row in conn.execute(select(*_ROW).where(submissions.c.id.in_(part))):
                 found[row.id] = Existing(row.id, row.state, _submission(row))
         return found
 
@@ -292,13 +301,8 @@ class SubmissionStore:
     async def mark(self, ids: Iterable[str], state: str) -> None:
         """Move these rows to `state` (dispatched once confirmed; ended once published)."""
         id_list = list(ids)
-        if not id_list:
-            return
-        async with self.engine.begin() as conn:
-            for part in chunks(id_list, _IN_CHUNK):
-                await conn.execute(
-                    update(submissions).where(submissions.c.id.in_(part)).values(state=state)
-                )
+        if id_list:
+            await self._transactions.run(_mark, id_list, state)
 
     async def mark_dispatched(self, ids: Iterable[str]) -> None:
         """Record that these tasks' work messages were confirmed by the broker."""
@@ -370,35 +374,12 @@ class SubmissionStore:
         return the blocked tasks that wait for any of them."""
         if not outcomes:
             return []
-        now = utcnow()
-        async with self.engine.begin() as conn:
-            await conn.execute(
-                update(submissions)
-                .where(submissions.c.id == bindparam("b_id"), submissions.c.outcome.is_(None))
-                .values(
-                    outcome=bindparam("b_outcome"),
-                    error_type=bindparam("b_error"),
-                    ended_at=bindparam("b_now"),
-                ),
-                [{"b_id": i, "b_outcome": s, "b_error": e, "b_now": now} for i, s, e in outcomes],
-            )
-            return await self._waiting_children(conn, [i for i, _, _ in outcomes])
+        return await self._transactions.run(_record_outcomes, list(outcomes), utcnow())
 
     async def waiting_children(self, parents: Sequence[str]) -> list[str]:
         """The blocked tasks that wait for any of `parents`."""
         async with self.engine.connect() as conn:
-            return await self._waiting_children(conn, parents)
-
-    async def _waiting_children(self, conn: AsyncConnection, parents: Sequence[str]) -> list[str]:
-        found: set[str] = set()
-        for part in chunks(sorted(set(parents)), _IN_CHUNK):
-            query = (
-                select(edges.c.child)
-                .join(submissions, submissions.c.id == edges.c.child)
-                .where(edges.c.parent.in_(part), submissions.c.state == BLOCKED)
-            )
-            found.update(await conn.scalars(query))
-        return sorted(found)
+            return await conn.run_sync(_waiting_children, parents)
 
     async def resolvable(self, limit: int = 10_000) -> list[str]:
         """Blocked tasks with at least one parent that ended or is gone (the start-up
@@ -671,3 +652,33 @@ __all__ = [
     "Submission",
     "SubmissionStore",
 ]
+
+
+def _mark(conn: Connection, ids: list[str], state: str) -> None:
+    for part in chunks(ids, _IN_CHUNK):
+        conn.execute(update(submissions).where(submissions.c.id.in_(part)).values(state=state))
+
+
+def _record_outcomes(
+    conn: Connection, outcomes: list[tuple[str, str, str | None]], now: datetime
+) -> list[str]:
+    conn.execute(
+        update(submissions)
+        .where(submissions.c.id == bindparam("b_id"), submissions.c.outcome.is_(None))
+        .values(outcome=bindparam("b_outcome"), error_type=bindparam("b_error"), ended_at=now),
+        [{"b_id": i, "b_outcome": s, "b_error": e} for i, s, e in outcomes],
+    )
+    return _waiting_children(conn, [i for i, _, _ in outcomes])
+
+
+def _waiting_children(conn: Connection, parents: Sequence[str]) -> list[str]:
+    """The blocked tasks that wait for any of `parents`."""
+    found: set[str] = set()
+    for part in chunks(sorted(set(parents)), _IN_CHUNK):
+        query = (
+            select(edges.c.child)
+            .join(submissions, submissions.c.id == edges.c.child)
+            .where(edges.c.parent.in_(part), submissions.c.state == BLOCKED)
+        )
+        found.update(conn.scalars(query))
+    return sorted(found)

@@ -198,6 +198,7 @@ class Consumer:
         self._oversized_logged = 0  # how many had been refused at the last log line
         self._oversized_log_at = float("-inf")
         self._buffer: asyncio.Queue[AbstractIncomingMessage | None] = asyncio.Queue()
+        self._sent: list[str] = []  # replies published, not yet recorded as sent
         self._channel: AbstractChannel | None = None
         self._queue: AbstractQueue | None = None
         self._tag: str | None = None
@@ -267,8 +268,18 @@ class Consumer:
             batch = await self._next_batch()
             if batch:
                 await self._process(batch)
+            if self._buffer.empty():
+                await self._mark_sent()  # idle: nothing waits behind this write
             if self._stopping and self._buffer.empty():
                 return
+
+    async def _mark_sent(self) -> None:
+        """Record the replies sent since the last write. Under load the next batch's
+        transaction records them (no transaction of their own); when nothing else is
+        waiting, this one does."""
+        if self._sent and self.replies is not None:
+            sent, self._sent = self._sent, []
+            await self.replies.mark_sent(sent)
 
     async def _next_batch(self) -> list[AbstractIncomingMessage]:
         """Up to `batch_max` deliveries: what arrived while the last batch was written (and
@@ -398,8 +409,7 @@ class Consumer:
         else:
             await ack_batch(done)
         self.applied += len(done)
-        if replied and self.replies is not None:
-            await self.replies.mark_sent(replied)
+        self._sent += replied
 
     async def _reply_then_ack(
         self,
@@ -444,7 +454,9 @@ class Consumer:
             reraise=True,
         ):
             with attempt, map_db_errors():
-                return await self.store.apply(messages, resend=resend)
+                applied = await self.store.apply(messages, resend=resend, sent=self._sent)
+                self._sent = []
+                return applied
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _apply_one_by_one(

@@ -123,6 +123,7 @@ class ReplySender:
                 mandatory=False,
                 wait=False,
             )
+        self.sent += len(todo)
         return [task_id for _, _, task_id in todo]
 
     async def mark_sent(self, task_ids: Sequence[str]) -> None:
@@ -141,5 +142,3 @@ class ReplySender:
                     await self.store.mark_replies_sent(task_ids, utcnow())
         except LeveretError:  # the replies are out; only the record of it is missing
             logger.exception("marking {} replies sent failed", len(task_ids))
-            return
-        self.sent += len(task_ids)

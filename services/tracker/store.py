@@ -30,18 +30,18 @@ import asyncio
 import base64
 import contextlib
 from collections import defaultdict
-from collections.abc import AsyncIterator, Collection, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from loguru import logger
-from sqlalchemy import bindparam, select, text, update
+from sqlalchemy import Connection, bindparam, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from leveret.batching import chunks
-from leveret.contracts import EndedTask, TaskStatus
-from leveret.db import create_engine, insert_for, map_db_errors
+from leveret.contracts import EndedTask, TaskStatus, utcnow
+from leveret.db import Transactions, create_engine, insert_for, map_db_errors
 from leveret.tracker.ledger import Ledger, TaskChange, load_ids
 from leveret.tracker.purge import (
     PurgedTask,
@@ -110,6 +110,30 @@ class Applied:
     replies: tuple[TaskRecord, ...] = ()
 
 
+T = TypeVar("T")
+
+
+def _serialised(conn: Connection, fn: Callable[..., T], *args: Any) -> T:
+    """`fn(conn, *args)` after, on PostgreSQL, the advisory lock that serialises the
+    writes of several tracker replicas (taken before anything is read)."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _APPLY_LOCK})
+    return fn(conn, *args)
+
+
+def _mark_sent(conn: Connection, task_ids: Sequence[str], at: datetime) -> int:
+    """Mark these tasks' owed replies sent; how many were owed."""
+    marked = 0
+    for part in chunks(task_ids, _IN_CHUNK):
+        done = conn.execute(
+            update(tasks)
+            .where(tasks.c.id.in_(part), tasks.c.reply == ReplyState.OWED.value)
+            .values(reply=ReplyState.SENT.value, reply_at=at)
+        )
+        marked += done.rowcount
+    return marked
+
+
 def encode_cursor(seq: int) -> str:
     """An opaque cursor for the page after the task with this `seq`."""
     return base64.urlsafe_b64encode(f"seq:{seq}".encode()).decode().rstrip("=")
@@ -134,6 +158,7 @@ class TrackerStore:
         self.engine = engine
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self._write_lock = asyncio.Lock()
+        self._transactions = Transactions(engine)
 
     @classmethod
     async def open(cls, url: str, *, heartbeat_timeout_s: float = 5.0) -> TrackerStore:
@@ -144,7 +169,8 @@ class TrackerStore:
         return cls(engine, heartbeat_timeout_s=heartbeat_timeout_s)
 
     async def close(self) -> None:
-        """Release the connection pool."""
+        """Release the connection pools."""
+        await self._transactions.close()
         await self.engine.dispose()
 
     async def ping(self) -> None:
@@ -155,21 +181,21 @@ class TrackerStore:
     # writing
 
     async def apply(
-        self, messages: Sequence[TrackerMessage], *, resend: Collection[str] = ()
+        self,
+        messages: Sequence[TrackerMessage],
+        *,
+        resend: Collection[str] = (),
+        sent: Collection[str] = (),
     ) -> Applied:
         """Apply a batch of messages, in order, in one transaction. `replies` holds the
         tasks that came to owe a reply, and those of the `resend` ids (tasks named by
         redelivered messages) whose reply is still owed: a tracker that died after the
-        commit may not have sent it."""
+        commit may not have sent it. `sent`: tasks whose replies went out since the last
+        transaction, marked sent in this one (after the batch is applied)."""
         task_ids, worker_ids = load_ids(messages)
-        async with self._writing() as conn:
-            ledger = await self._ledger(conn, task_ids, worker_ids)
-            transitions = 0
-            for message in messages:
-                for change in ledger.apply(message):
-                    transitions += 1
-                    _log_change(change)
-            await self._write(conn, ledger)
+        ledger, transitions = await self._write_txn(
+            self._apply_txn, messages, task_ids, worker_ids, sorted(set(sent))
+        )
         _log_notes(ledger)
         return Applied(
             transitions,
@@ -178,25 +204,49 @@ class TrackerStore:
             tuple(ledger.owed_replies(resend)),
         )
 
+    def _apply_txn(
+        self,
+        conn: Connection,
+        messages: Sequence[TrackerMessage],
+        task_ids: set[str],
+        worker_ids: set[str],
+        sent: list[str],
+    ) -> tuple[Ledger, int]:
+        ledger = self._ledger(conn, task_ids, worker_ids)
+        transitions = 0
+        for message in messages:
+            for change in ledger.apply(message):
+                transitions += 1
+                _log_change(change)
+        self._write(conn, ledger)
+        if sent:
+            _mark_sent(conn, sent, utcnow())
+        return ledger, transitions
+
     async def declare_dead(self, worker_id: str, at: datetime, death: Death) -> int:
         """Record the watchdog's verdict in ONE transaction. When the worker's deliveries
         were released (`death.releases`), each of its attempts without an outcome becomes
         `fenced` (or `lost`, for a worker that was gone) and every non-terminal task whose
         current attempt was one of them is `pending` again. Returns how many tasks went
         back to pending."""
-        async with self._writing() as conn:
-            task_ids: set[str] = set()
-            if death.releases:
-                query = select(attempts.c.task_id).where(
-                    attempts.c.worker == worker_id, attempts.c.outcome.is_(None)
-                )
-                task_ids = set((await conn.scalars(query.distinct())).all())
-            ledger = await self._ledger(conn, task_ids, {worker_id})
-            changes = ledger.declare_dead(worker_id, at, death)
-            for change in changes:
-                _log_change(change)
-            await self._write(conn, ledger)
+        changes = await self._write_txn(self._declare_dead_txn, worker_id, at, death)
         return sum(1 for c in changes if c.after is TaskStatus.PENDING)
+
+    def _declare_dead_txn(
+        self, conn: Connection, worker_id: str, at: datetime, death: Death
+    ) -> list[TaskChange]:
+        task_ids: set[str] = set()
+        if death.releases:
+            query = select(attempts.c.task_id).where(
+                attempts.c.worker == worker_id, attempts.c.outcome.is_(None)
+            )
+            task_ids = set(conn.scalars(query.distinct()).all())
+        ledger = self._ledger(conn, task_ids, {worker_id})
+        changes = ledger.declare_dead(worker_id, at, death)
+        for change in changes:
+            _log_change(change)
+        self._write(conn, ledger)
+        return changes
 
     async def silent_workers(self, cutoff: datetime) -> list[WorkerRecord]:
         """Workers last heard from before `cutoff` whose deliveries were not released yet
@@ -212,16 +262,14 @@ class TrackerStore:
         """Record that the replies of these tasks were confirmed sent; returns how many
         were still owed. A write like any other (one at a time), so no batch that loaded
         a task as `owed` writes it back over the mark."""
-        marked = 0
-        async with self._writing() as conn:
-            for part in chunks(sorted(set(task_ids)), _IN_CHUNK):
-                done = await conn.execute(
-                    update(tasks)
-                    .where(tasks.c.id.in_(part), tasks.c.reply == ReplyState.OWED.value)
-                    .values(reply=ReplyState.SENT.value, reply_at=at)
-                )
-                marked += done.rowcount
-        return marked
+        return await self._write_txn(_mark_sent, sorted(set(task_ids)), at)
+
+    async def _write_txn(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(connection, *args)` as one write transaction, one at a time, like
+        :meth:`_writing` (and as cheaply as :class:`leveret.db.Transactions` runs it)."""
+        with map_db_errors():
+            async with self._write_lock:
+                return await self._transactions.run(_serialised, fn, *args)
 
     @contextlib.asynccontextmanager
     async def _writing(self) -> AsyncIterator[AsyncConnection]:
@@ -265,35 +313,33 @@ class TrackerStore:
         async with self._reading() as conn:
             return await find_purged(conn, task_id)
 
-    async def _ledger(
-        self, conn: AsyncConnection, task_ids: set[str], worker_ids: set[str]
-    ) -> Ledger:
+    def _ledger(self, conn: Connection, task_ids: set[str], worker_ids: set[str]) -> Ledger:
         """Load what a transaction touches."""
         return Ledger(
-            await self._load_tasks(conn, sorted(task_ids)),
-            await self._load_workers(conn, sorted(worker_ids)),
+            self._load_tasks(conn, sorted(task_ids)),
+            self._load_workers(conn, sorted(worker_ids)),
             self.heartbeat_timeout_s,
         )
 
-    async def _load_tasks(self, conn: AsyncConnection, ids: list[str]) -> dict[str, TaskRecord]:
+    def _load_tasks(self, conn: Connection, ids: list[str]) -> dict[str, TaskRecord]:
         rows: dict[str, Any] = {}
         history: dict[str, list[Attempt]] = defaultdict(list)
         for part in chunks(ids, _IN_CHUNK):
-            for row in await conn.execute(select(tasks).where(tasks.c.id.in_(part))):
+            for row in conn.execute(select(tasks).where(tasks.c.id.in_(part))):
                 rows[row.id] = row
             query = select(attempts).where(attempts.c.task_id.in_(part))
-            for row in await conn.execute(query.order_by(attempts.c.attempt)):
+            for row in conn.execute(query.order_by(attempts.c.attempt)):
                 history[row.task_id].append(to_attempt(row))
         return {i: to_task(row, tuple(history.get(i, ()))) for i, row in rows.items()}
 
-    async def _load_workers(self, conn: AsyncConnection, ids: list[str]) -> dict[str, WorkerRecord]:
+    def _load_workers(self, conn: Connection, ids: list[str]) -> dict[str, WorkerRecord]:
         loaded: dict[str, WorkerRecord] = {}
         for part in chunks(ids, _IN_CHUNK):
-            for row in await conn.execute(select(workers).where(workers.c.id.in_(part))):
+            for row in conn.execute(select(workers).where(workers.c.id.in_(part))):
                 loaded[row.id] = to_worker(row)
         return loaded
 
-    async def _write(self, conn: AsyncConnection, ledger: Ledger) -> None:
+    def _write(self, conn: Connection, ledger: Ledger) -> None:
         new: list[dict[str, Any]] = []
         changed: list[dict[str, Any]] = []
         history: list[dict[str, Any]] = []
@@ -307,12 +353,12 @@ class TrackerStore:
             old = set(loaded.attempts) if loaded is not None else set()
             history += [attempt_row(now.id, a) for a in now.attempts if a not in old]
         if new:
-            await conn.execute(tasks.insert(), new)
+            conn.execute(tasks.insert(), new)
         if changed:
-            await conn.execute(update(tasks).where(tasks.c.id == bindparam("b_id")), changed)
+            conn.execute(update(tasks).where(tasks.c.id == bindparam("b_id")), changed)
         if history:
-            stmt = insert_for(self.engine, attempts)
-            await conn.execute(
+            stmt = insert_for(conn, attempts)
+            conn.execute(
                 stmt.on_conflict_do_update(
                     index_elements=["task_id", "attempt"],
                     set_={
@@ -322,23 +368,23 @@ class TrackerStore:
                 ),
                 history,
             )
-        await self._write_workers(conn, ledger)
+        self._write_workers(conn, ledger)
 
-    async def _write_workers(self, conn: AsyncConnection, ledger: Ledger) -> None:
+    def _write_workers(self, conn: Connection, ledger: Ledger) -> None:
         changed = [worker_row(w) for w in ledger.changed_workers()]
         if changed:
-            stmt = insert_for(self.engine, workers)
+            stmt = insert_for(conn, workers)
             columns = [c for c in changed[0] if c != "id"]
-            await conn.execute(
+            conn.execute(
                 stmt.on_conflict_do_update(
                     index_elements=["id"], set_={c: stmt.excluded[c] for c in columns}
                 ),
                 changed,
             )
         if ledger.counters:
-            stmt = insert_for(self.engine, worker_counters)
+            stmt = insert_for(conn, worker_counters)
             c = worker_counters.c
-            await conn.execute(
+            conn.execute(
                 stmt.on_conflict_do_update(
                     index_elements=["worker"],
                     set_={
@@ -358,7 +404,7 @@ class TrackerStore:
     async def get_task(self, task_id: str) -> TaskRecord | None:
         """One task with its attempt history, or None if the tracker never heard of it."""
         async with self._reading() as conn:
-            found = await self._load_tasks(conn, [task_id])
+            found = await conn.run_sync(self._load_tasks, [task_id])
         return found.get(task_id)
 
     async def list_tasks(

@@ -254,7 +254,7 @@ async def test_undecodable_message_is_dead_lettered_and_tracker_keeps_going(
     tracker: Tracker,
 ) -> None:
     await tracker.publish(tracker.topology.results_exchange, "completed.default.echo", b"{oops")
-    await tracker.publish(tracker.topology.events_exchange, "task.other", b'{"type": "nope"}')
+    await tracker.publish(tracker.topology.events_exchange, "task.progress", b'{"type": "nope"}')
     rejected = await tracker.channel.declare_queue(tracker.topology.rejected.name, passive=True)
     bodies: set[bytes] = set()
 

@@ -266,6 +266,21 @@ async def test_a_reply_is_owed_in_the_outcomes_transaction_and_marked_sent_once(
     assert a is not None and (a.reply, a.reply_at) == (ReplyState.SENT, at(20))
 
 
+async def test_replies_sent_are_marked_in_the_next_batchs_transaction(
+    store: TrackerStore,
+) -> None:
+    asked = AcceptedTask(id="m", kind="echo", pool="default", submitted_at=at(0), reply_to="r-m")
+    ended = await store.apply([TasksAccepted(tasks=[asked]), result("m")])
+    assert [r.id for r in ended.replies] == ["m"]
+    # The reply went out; the next batch (about anything) records it with its own writes.
+    await store.apply([accepted("other")], sent=["m"])
+    record = await store.get_task("m")
+    assert record is not None and record.reply is ReplyState.SENT
+    # A redelivery of its result no longer asks for the reply again.
+    again = await store.apply([result("m")], resend={"m"})
+    assert again.replies == ()
+
+
 async def test_big_batch_crosses_parameter_chunks(store: TrackerStore) -> None:
     ids = [f"bulk-{i}" for i in range(1200)]
     await store.apply([accepted(*ids)])

@@ -123,7 +123,7 @@ async def test_api_answers_a_store_failure_with_a_message(
 class UnavailableThenFine(FakeStore):
     """Raises leveret's StoreUnavailable (what the store raises now) the first two times."""
 
-    async def apply(self, messages: Any, *, resend: Any = ()) -> Any:
+    async def apply(self, messages: Any, *, resend: Any = (), sent: Any = ()) -> Any:
         self.calls += 1
         if self.calls <= 2:
             raise StoreUnavailable("database unavailable: database is locked")

@@ -65,7 +65,11 @@ class FakeStore:
         self.calls = 0
 
     async def apply(
-        self, messages: Sequence[TrackerMessage], *, resend: Collection[str] = ()
+        self,
+        messages: Sequence[TrackerMessage],
+        *,
+        resend: Collection[str] = (),
+        sent: Collection[str] = (),
     ) -> Applied:
         self.calls += 1
         self.resend.append(sorted(resend))
@@ -212,11 +216,15 @@ class BlockingStore(FakeStore):
         self.release = asyncio.Event()
 
     async def apply(
-        self, messages: Sequence[TrackerMessage], *, resend: Collection[str] = ()
+        self,
+        messages: Sequence[TrackerMessage],
+        *,
+        resend: Collection[str] = (),
+        sent: Collection[str] = (),
     ) -> Applied:
         self.applying.set()
         await self.release.wait()
-        return await super().apply(messages, resend=resend)
+        return await super().apply(messages, resend=resend, sent=sent)
 
 
 async def test_caught_up_advances_only_while_idle_on_an_open_channel(
@@ -293,9 +301,13 @@ class OwingStore(FakeStore):
     """Every result whose id starts with "r" leaves its task owing a reply."""
 
     async def apply(
-        self, messages: Sequence[TrackerMessage], *, resend: Collection[str] = ()
+        self,
+        messages: Sequence[TrackerMessage],
+        *,
+        resend: Collection[str] = (),
+        sent: Collection[str] = (),
     ) -> Applied:
-        applied = await super().apply(messages, resend=resend)
+        applied = await super().apply(messages, resend=resend, sent=sent)
         owed = tuple(
             TaskRecord(id=m.id, status=TaskStatus.COMPLETED, reply_to="q", reply=ReplyState.OWED)
             for m in messages
