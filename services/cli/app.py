@@ -215,8 +215,12 @@ def bench(
         "docs/benchmarks.md"
     ),
     paths: Annotated[
-        str, typer.Option(help="Comma-separated: raw,amqp,http,raw-light,light")
-    ] = "raw,amqp,http,raw-light,light",
+        str,
+        typer.Option(
+            help="Comma-separated: raw,amqp,http,raw-light,light,peers (peers: Celery and "
+            "Dramatiq by deploy/bench/peers.py in .venv-peers, made on first use)"
+        ),
+    ] = "raw,amqp,http,raw-light,light,peers",
     backlog: Annotated[
         int,
         typer.Option(

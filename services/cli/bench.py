@@ -30,6 +30,8 @@ import multiprocessing
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -55,7 +57,7 @@ from leveret.settings import CommonSettings
 from leveret.topology import Topology, delete_namespace
 
 WINDOW = 500
-PATHS = ("raw", "amqp", "http", "raw-light", "light")
+PATHS = ("raw", "amqp", "http", "raw-light", "light", "peers")
 #: The light load: tasks per second, for this many seconds.
 LIGHT_RATE = 50.0
 LIGHT_SECONDS = 10
@@ -72,6 +74,8 @@ class Run:
     cpu_s: dict[str, float] = field(default_factory=dict)
     peak_rss: dict[str, int] = field(default_factory=dict)
     light: bool = False  # a paced load: compared by latency, not rate
+    #: Latency percentiles (ms) measured elsewhere, when `latencies_s` is not known.
+    given_ms: dict[int, float] = field(default_factory=dict)
 
     @property
     def rate(self) -> float:
@@ -80,6 +84,8 @@ class Run:
 
     def percentile(self, p: float) -> float:
         """Latency percentile `p` (0-100), seconds."""
+        if int(p) in self.given_ms:
+            return self.given_ms[int(p)] / 1000
         if not self.latencies_s:
             return float("nan")
         qs = statistics.quantiles(self.latencies_s, n=100, method="inclusive")
@@ -364,6 +370,60 @@ async def _drop(url: str, namespace: str) -> None:
         await delete_namespace(channel, Topology(namespace), ["default"])
 
 
+# --- peers -------------------------------------------------------------------------------------
+
+PEERS_DIR = Path("deploy/bench")
+PEERS_VENV = Path(".venv-peers")
+
+
+def _peers(url: str, tasks: int, console: Console) -> dict[str, Run]:
+    """Celery and Dramatiq measured by ``deploy/bench/peers.py`` in a venv of their own
+    (made from its pinned requirements on first use); empty if the script is not here."""
+    script = PEERS_DIR / "peers.py"
+    if not script.exists():
+        console.print(f"peers: {script} not found (run from the repository root); skipped")
+        return {}
+    python = PEERS_VENV / "bin" / "python"
+    if not python.exists():
+        console.print(f"peers: making {PEERS_VENV} from {PEERS_DIR / 'requirements.txt'}")
+        made = subprocess.run([sys.executable, "-m", "venv", str(PEERS_VENV)], check=False)
+        if made.returncode == 0:
+            requirements = str(PEERS_DIR / "requirements.txt")
+            made = subprocess.run(
+                [str(python), "-m", "pip", "install", "-q", "-r", requirements], check=False
+            )
+        if made.returncode != 0:
+            console.print(f"peers: could not make {PEERS_VENV}; skipped")
+            return {}
+    done = subprocess.run(
+        [str(python), str(script), "--amqp-url", url, "--tasks", str(tasks), "--json"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    lines = done.stdout.strip().splitlines()
+    if not lines:
+        console.print(f"peers: no result (exit {done.returncode}): {done.stderr[-2000:]}")
+        return {}
+    report = json.loads(lines[-1])
+    for path, error in report.get("errors", {}).items():
+        console.print(f"peers: {path} failed: {error}")
+    runs: dict[str, Run] = {}
+    for path, r in report["results"].items():
+        latency = r["latency_ms"]
+        runs[path] = Run(
+            f"{path} ({'; '.join(r.get('notes', [])[:1]) or r['setup']})"[:80],
+            int(r["tasks"]),
+            float(r["seconds"]),
+            [],
+            {f"{path}-{k}": float(v) for k, v in r["cpu_s"].items()},
+            {f"{path}-{k}": int(v) for k, v in r["peak_rss_bytes"].items()},
+            light=r["mode"] == "light",
+            given_ms={50: latency["p50"], 95: latency["p95"], 99: latency["p99"]},
+        )
+    return runs
+
+
 # --- memory under a backlog -------------------------------------------------------------------
 
 
@@ -600,7 +660,9 @@ def run_bench(
         if key in paths:
             runs[key] = _leveret(name, url, n, workers, concurrency, submit)
             runs[key].light = key == "light"
-        console.print(f"{key}: done")
+            console.print(f"{key}: done")
+    if "peers" in paths:
+        runs.update(_peers(url, tasks, console))
     if runs:
         console.print(_table(runs))
     goals = _goals(runs)
