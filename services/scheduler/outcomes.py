@@ -18,7 +18,6 @@ builds, when it was bound to the results exchange) is still understood.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 
 from aio_pika.abc import (
@@ -29,7 +28,6 @@ from aio_pika.abc import (
 )
 from loguru import logger
 from pydantic import ValidationError
-from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
 
 from leveret.amqp import (
     BROKER_EXCEPTIONS,
@@ -38,10 +36,10 @@ from leveret.amqp import (
     open_channel,
     return_to_queue,
 )
-from leveret.batching import fill_batch
+from leveret.batching import Batches, until_stored
 from leveret.contracts import ENDED_STATUSES, TaskResult, TasksEnded, decode_event
 from leveret.db import map_db_errors
-from leveret.errors import StoreUnavailable, UnavailableError
+from leveret.errors import UnavailableError
 from leveret.roles import RefusedSenders, RoleUsers, sender_of
 from leveret.scheduler.dependencies import Resolver
 from leveret.scheduler.store import SubmissionStore
@@ -72,10 +70,10 @@ class Outcomes:
         self.resolver = resolver
         self.topology = topology
         self.prefetch = prefetch
-        self.batch_max = batch_max
-        self.batch_wait_s = batch_wait_ms / 1000
         self.recorded = 0
-        self._buffer: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+        self._inbox: Batches[AbstractIncomingMessage] = Batches(
+            limit=batch_max, wait_ms=batch_wait_ms
+        )
         self._channel: AbstractChannel | None = None
         self._queue: AbstractQueue | None = None
         self._tag: str | None = None
@@ -90,7 +88,7 @@ class Outcomes:
         self._tag = await self._queue.consume(self._on_message)
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        self._buffer.put_nowait(message)
+        self._inbox.put(message)
 
     async def stop(self) -> None:
         """Stop consuming and close the channel (unacked deliveries are redelivered)."""
@@ -104,14 +102,7 @@ class Outcomes:
     async def run(self) -> None:
         """Process batches forever (cancel to stop)."""
         while True:
-            await self._process(await self._next_batch())
-
-    async def _next_batch(self) -> list[AbstractIncomingMessage]:
-        first = await self._buffer.get()
-        batch, _ = await fill_batch(
-            self._buffer, first, limit=self.batch_max, wait_s=self.batch_wait_s
-        )
-        return batch
+            await self._process(await self._inbox.next())
 
     async def _process(self, batch: list[AbstractIncomingMessage]) -> None:
         outcomes: list[tuple[str, str, str | None]] = []
@@ -148,17 +139,9 @@ class Outcomes:
     async def _record(self, outcomes: list[tuple[str, str, str | None]]) -> list[str]:
         """Record in one transaction, waiting out an unavailable database (a
         :class:`StoreUnavailable`; a :class:`StoreError` is raised at once)."""
-        async for attempt in AsyncRetrying(
-            wait=wait_exponential_jitter(multiplier=0.05, max=5.0, jitter=0.2),
-            retry=retry_if_exception_type(StoreUnavailable),
-            before_sleep=lambda s: logger.warning(
-                "recording outcomes failed, retrying: {}", s.outcome and s.outcome.exception()
-            ),
-            reraise=True,
-        ):
-            with attempt, map_db_errors():
-                return await self.store.record_outcomes(outcomes)
-        raise AssertionError("unreachable")  # pragma: no cover
+        return await until_stored(
+            lambda: self.store.record_outcomes(outcomes), "recording outcomes"
+        )
 
 
 async def _return_all(deliveries: list[AbstractIncomingMessage]) -> None:

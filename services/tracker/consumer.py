@@ -25,7 +25,6 @@ or sent while the tracker was cut off from the broker, is not silence.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -41,12 +40,6 @@ from aio_pika.abc import (
 )
 from loguru import logger
 from pydantic import ValidationError
-from tenacity import (
-    AsyncRetrying,
-    RetryCallState,
-    retry_if_exception_type,
-    wait_exponential_jitter,
-)
 
 from leveret.amqp import (
     BROKER_EXCEPTIONS,
@@ -59,7 +52,7 @@ from leveret.amqp import (
     publish_all,
     return_to_queue,
 )
-from leveret.batching import chunks, fill_batch
+from leveret.batching import Batches, chunks, until_stored
 from leveret.contracts import (
     MAX_EVENT_BYTES,
     MAX_RESULT_BYTES,
@@ -75,8 +68,6 @@ from leveret.contracts import (
     decode_event,
     utcnow,
 )
-from leveret.db import map_db_errors
-from leveret.errors import StoreUnavailable
 from leveret.roles import RefusedSenders, RoleUsers, sender_of
 from leveret.topology import RK_TASKS_ACCEPTED, RK_TASKS_ENDED, Topology
 from leveret.tracker.ledger import message_ids
@@ -156,14 +147,6 @@ def _parse(topology: Topology, exchange: str, body: bytes) -> TrackerMessage:
     raise Undecodable(f"unexpected exchange {exchange!r}")
 
 
-def _log_retry(state: RetryCallState) -> None:
-    exc = state.outcome.exception() if state.outcome is not None else None
-    wait = state.next_action.sleep if state.next_action is not None else 0.0
-    logger.opt(exception=exc).error(
-        "tracker store write failed; retrying the same batch in {:.2f}s", wait
-    )
-
-
 class Consumer:
     """Feeds the tracker queue to the store in batches; see the module docstring for acks."""
 
@@ -190,28 +173,27 @@ class Consumer:
         self.replies = replies
         self.topology = topology
         self.prefetch = prefetch
-        self.batch_max = batch_max
-        self.batch_wait_s = batch_wait_ms / 1000
         self.applied = 0
         self.refused = 0
         self.oversized = 0
         self._oversized_logged = 0  # how many had been refused at the last log line
         self._oversized_log_at = float("-inf")
-        self._buffer: asyncio.Queue[AbstractIncomingMessage | None] = asyncio.Queue()
+        self._inbox: Batches[AbstractIncomingMessage] = Batches(
+            limit=batch_max, wait_ms=batch_wait_ms
+        )
         self._sent: list[str] = []  # replies published, not yet recorded as sent
         self._channel: AbstractChannel | None = None
         self._queue: AbstractQueue | None = None
         self._tag: str | None = None
         self._events: AbstractExchange | None = None
         self._stopping = False
-        self._idle = False
         self._caught_up = utcnow()
         self._listening_since = utcnow()
 
     def caught_up_at(self) -> datetime:
         """When the consumer last had nothing left to apply while connected: now while it
         waits for input on an open channel, else the last such moment (at first: start)."""
-        if self._idle and self.running:
+        if self._inbox.waiting and self.running:
             self._caught_up = utcnow()
         return self._caught_up
 
@@ -245,7 +227,7 @@ class Consumer:
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         # Deliveries are handed over in order; the batch loop keeps that order.
-        self._buffer.put_nowait(message)
+        self._inbox.put(message)
 
     async def stop(self) -> None:
         """Stop taking deliveries; :meth:`run` returns once what it holds is applied."""
@@ -255,7 +237,7 @@ class Consumer:
                 await self._queue.cancel(self._tag)
             except BROKER_EXCEPTIONS as exc:
                 logger.warning("cancelling the tracker consumer failed: {}", exc)
-        self._buffer.put_nowait(None)
+        self._inbox.end()
 
     async def close(self) -> None:
         """Close the channel (unacked deliveries go back to the queue)."""
@@ -263,14 +245,17 @@ class Consumer:
             await self._channel.close()
 
     async def run(self) -> None:
-        """Apply batches until :meth:`stop` was called and the buffer is drained."""
+        """Apply batches until :meth:`stop` was called and the inbox is drained."""
         while True:
-            batch = await self._next_batch()
+            idle = self._inbox.drained  # so `next` waits for input: all was applied
+            batch = await self._inbox.next()
+            if idle and self.running:
+                self._caught_up = utcnow()
             if batch:
                 await self._process(batch)
-            if self._buffer.empty():
+            if self._inbox.drained:
                 await self._mark_sent()  # idle: nothing waits behind this write
-            if self._stopping and self._buffer.empty():
+            if self._inbox.finished:
                 return
 
     async def _mark_sent(self) -> None:
@@ -280,30 +265,6 @@ class Consumer:
         if self._sent and self.replies is not None:
             sent, self._sent = self._sent, []
             await self.replies.mark_sent(sent)
-
-    async def _next_batch(self) -> list[AbstractIncomingMessage]:
-        """Up to `batch_max` deliveries: what arrived while the last batch was written (and
-        up to `batch_wait_ms` more after the first, if set)."""
-        if self._buffer.empty():
-            self._idle = True
-            try:
-                first = await self._buffer.get()
-            finally:
-                self._idle = False
-                if self.running:
-                    self._caught_up = utcnow()
-        else:
-            first = self._buffer.get_nowait()
-        if first is None:
-            return []
-        batch, _ = await fill_batch(
-            self._buffer,
-            first,
-            limit=self.batch_max,
-            wait_s=self.batch_wait_s,
-            stop=lambda item: item is None,
-        )
-        return [m for m in batch if m is not None]
 
     async def _decode_all(
         self, batch: list[AbstractIncomingMessage]
@@ -446,18 +407,14 @@ class Consumer:
         return replied
 
     async def _apply(self, messages: list[TrackerMessage], resend: set[str]) -> Applied:
-        """Apply in one transaction, waiting out :class:`StoreUnavailable`."""
-        async for attempt in AsyncRetrying(
-            wait=wait_exponential_jitter(multiplier=0.05, max=5.0, jitter=0.2),
-            retry=retry_if_exception_type(StoreUnavailable),
-            before_sleep=_log_retry,
-            reraise=True,
-        ):
-            with attempt, map_db_errors():
-                applied = await self.store.apply(messages, resend=resend, sent=self._sent)
-                self._sent = []
-                return applied
-        raise AssertionError("unreachable")  # pragma: no cover
+        """Apply in one transaction (with the replies sent since the last one), waiting
+        out :class:`StoreUnavailable`."""
+        applied = await until_stored(
+            lambda: self.store.apply(messages, resend=resend, sent=self._sent),
+            "tracker store write",
+        )
+        self._sent = []
+        return applied
 
     async def _apply_one_by_one(
         self, decoded: list[tuple[AbstractIncomingMessage, TrackerMessage]], resend: set[str]

@@ -239,7 +239,7 @@ async def test_caught_up_advances_only_while_idle_on_an_open_channel(
     runner = asyncio.create_task(consumer.run())
     channel = FakeChannel()
     try:
-        await until(lambda: consumer._idle, "the consumer waiting on its empty buffer")
+        await until(lambda: consumer._inbox.waiting, "the consumer waiting on its empty buffer")
         clock.tick()
         assert consumer.caught_up_at() == born  # idle, but not consuming: nothing was heard
         consumer._channel, consumer._tag = cast(Any, channel), "tag"
@@ -256,7 +256,7 @@ async def test_caught_up_advances_only_while_idle_on_an_open_channel(
         clock.tick()
         assert consumer.caught_up_at() == took  # busy with a batch: caught up when it took it
         store.release.set()
-        await until(lambda: consumer._idle, "the consumer idle again after the batch")
+        await until(lambda: consumer._inbox.waiting, "the consumer idle again after the batch")
         again = clock.tick()
         assert consumer.caught_up_at() == again  # idle and listening again
         assert store.committed == [["a"]]
