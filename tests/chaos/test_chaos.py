@@ -21,8 +21,9 @@ import pytest
 from helpers import TrackerApi, eventually, ready_messages, report
 
 from leveret.amqp import connect
-from leveret.cli.procs import Cluster
+from leveret.cli.procs import Cluster, Service
 from leveret.contracts import REPLY_RESULT
+from leveret.topology import Topology
 
 pytestmark = [pytest.mark.broker, pytest.mark.chaos]
 
@@ -91,6 +92,29 @@ async def running_on(api: TrackerApi, worker: str, at_least: int) -> bool:
     return sum(t["worker"] == worker for t in r.json()["tasks"]) >= at_least
 
 
+async def _holding_when_frozen(
+    cluster: Cluster, api: TrackerApi, worker: Service, name: str
+) -> None:
+    """Leave `worker` frozen while the tracker knows it runs an attempt it has not
+    finished. Tasks are short, so one the tracker shows running may be finishing: the
+    worker is frozen first (nothing it holds ends now), everything it sent before is
+    let reach the tracker, and only then is the tracker asked; if it holds nothing, it
+    is thawed and the next moment is tried."""
+    inbox = Topology(cluster.namespace).tracker.name
+    for _ in range(20):
+        await eventually(lambda: running_on(api, name, 2), 30, f"{name} to run known tasks")
+        worker.send(signal.SIGSTOP)
+
+        async def delivered() -> bool:
+            return await ready_messages(cluster.amqp_url, inbox) == 0
+
+        await eventually(delivered, 10, "what the frozen worker sent to reach the tracker")
+        if await running_on(api, name, 1):
+            return
+        worker.send(signal.SIGCONT)
+    raise AssertionError(f"{name} never held an unfinished attempt the tracker knew of")
+
+
 async def test_nothing_lost_or_recorded_twice_under_chaos(cluster: Cluster) -> None:
     cluster.extra_env["LEVERET_HEARTBEAT_TIMEOUT_S"] = str(HEARTBEAT_TIMEOUT_S)
     cluster.start_tracker()
@@ -119,6 +143,7 @@ async def test_nothing_lost_or_recorded_twice_under_chaos(cluster: Cluster) -> N
     await eventually(lambda: completed_at_least(150), 60, "150 completed tasks")
     # Each fault strikes while work still waits in the queue (so the workers are busy).
     assert await ready_messages(cluster.amqp_url, work_queue) > 0
+    await _holding_when_frozen(cluster, api, workers["w1"], "w1")
     killed_at = datetime.now(UTC)
     workers["w1"].send(signal.SIGKILL)
 
