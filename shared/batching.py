@@ -9,22 +9,10 @@ can still be asked for, to trade a lone item's latency for bigger batches.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Generic, TypeVar
 
-from loguru import logger
-from tenacity import (
-    AsyncRetrying,
-    RetryCallState,
-    retry_if_exception_type,
-    wait_exponential_jitter,
-)
-
-from leveret.db import map_db_errors
-from leveret.errors import StoreUnavailable
-
 T = TypeVar("T")
-R = TypeVar("R")
 
 
 async def fill_batch(
@@ -132,24 +120,3 @@ class Batches(Generic[T]):
             self._queue, first, limit=self.limit, wait_s=self.wait_s, stop=lambda i: i is None
         )
         return [item for item in batch if item is not None]
-
-
-async def until_stored(write: Callable[[], Awaitable[R]], what: str) -> R:
-    """`write()`, again and again with jittered exponential backoff while the database
-    is unavailable (:class:`~leveret.errors.StoreUnavailable`); any other error is
-    raised at once. `what` names the write in the log."""
-    async for attempt in AsyncRetrying(
-        wait=wait_exponential_jitter(multiplier=0.05, max=5.0, jitter=0.2),
-        retry=retry_if_exception_type(StoreUnavailable),
-        before_sleep=lambda state: _log_retry(state, what),
-        reraise=True,
-    ):
-        with attempt, map_db_errors():
-            return await write()
-    raise AssertionError("unreachable")  # pragma: no cover
-
-
-def _log_retry(state: RetryCallState, what: str) -> None:
-    exc = state.outcome.exception() if state.outcome is not None else None
-    wait = state.next_action.sleep if state.next_action is not None else 0.0
-    logger.opt(exception=exc).error("{} failed; retrying in {:.2f}s", what, wait)

@@ -8,13 +8,14 @@ the URL says so, e.g. for several tracker replicas sharing one state.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
+from loguru import logger
 from sqlalchemy import (
     Connection,
     DateTime,
@@ -31,6 +32,12 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    wait_exponential_jitter,
+)
 
 from leveret.errors import ConfigError, StoreError, StoreUnavailable
 
@@ -51,6 +58,7 @@ def create_engine(url: str) -> AsyncEngine:
 
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 
 class Transactions:
@@ -202,3 +210,24 @@ def add_missing_columns(conn: Connection, metadata: MetaData) -> None:
         for index in table.indexes:
             if index.name not in indexes:
                 index.create(conn, checkfirst=True)
+
+
+async def until_stored(write: Callable[[], Awaitable[R]], what: str) -> R:
+    """`write()`, again and again with jittered exponential backoff while the database
+    is unavailable (:class:`~leveret.errors.StoreUnavailable`); any other error is
+    raised at once. `what` names the write in the log."""
+    async for attempt in AsyncRetrying(
+        wait=wait_exponential_jitter(multiplier=0.05, max=5.0, jitter=0.2),
+        retry=retry_if_exception_type(StoreUnavailable),
+        before_sleep=lambda state: _log_retry(state, what),
+        reraise=True,
+    ):
+        with attempt, map_db_errors():
+            return await write()
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _log_retry(state: RetryCallState, what: str) -> None:
+    exc = state.outcome.exception() if state.outcome is not None else None
+    wait = state.next_action.sleep if state.next_action is not None else 0.0
+    logger.opt(exception=exc).error("{} failed; retrying in {:.2f}s", what, wait)

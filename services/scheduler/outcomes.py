@@ -36,9 +36,9 @@ from leveret.amqp import (
     open_channel,
     return_to_queue,
 )
-from leveret.batching import Batches, until_stored
+from leveret.batching import Batches
 from leveret.contracts import ENDED_STATUSES, TaskResult, TasksEnded, decode_event
-from leveret.db import map_db_errors
+from leveret.db import map_db_errors, until_stored
 from leveret.errors import UnavailableError
 from leveret.roles import RefusedSenders, RoleUsers, sender_of
 from leveret.scheduler.dependencies import Resolver

@@ -52,7 +52,7 @@ from leveret.amqp import (
     publish_all,
     return_to_queue,
 )
-from leveret.batching import Batches, chunks, until_stored
+from leveret.batching import Batches, chunks
 from leveret.contracts import (
     MAX_EVENT_BYTES,
     MAX_RESULT_BYTES,
@@ -68,6 +68,7 @@ from leveret.contracts import (
     decode_event,
     utcnow,
 )
+from leveret.db import until_stored
 from leveret.roles import RefusedSenders, RoleUsers, sender_of
 from leveret.topology import RK_TASKS_ACCEPTED, RK_TASKS_ENDED, Topology
 from leveret.tracker.ledger import message_ids

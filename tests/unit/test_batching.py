@@ -1,5 +1,5 @@
 """fill_batch: size limit, weights, stop items, the wait deadline and no timer by
-default; Batches (a batch consumer's inbox) and until_stored."""
+default; Batches (a batch consumer's inbox); until_stored (leveret.db)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import asyncio
 
 import pytest
 
-from leveret.batching import Batches, fill_batch, until_stored
+from leveret.batching import Batches, fill_batch
+from leveret.db import until_stored
 from leveret.errors import StoreError, StoreUnavailable
 
 
