@@ -31,7 +31,6 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from leveret.batching import chunks as chunks  # the one chunking helper, re-exported
 from leveret.errors import BrokerError, PublishError
 from leveret.tls import AmqpTls
 

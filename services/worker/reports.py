@@ -18,7 +18,8 @@ from aio_pika.abc import AbstractChannel
 from loguru import logger
 from pydantic import BaseModel
 
-from leveret.amqp import BROKER_EXCEPTIONS, chunks, json_message, send_reply, stamp_sender
+from leveret.amqp import BROKER_EXCEPTIONS, json_message, send_reply, stamp_sender
+from leveret.batching import chunks
 from leveret.contracts import (
     MAX_EVENT_BYTES,
     REPLY_PROGRESS,
